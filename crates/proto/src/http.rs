@@ -1,0 +1,126 @@
+//! JSON bodies of the HTTP API (`/v1/...`). Field names are the wire names.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorCode;
+
+/// `POST /v1/accounts`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub username: String,
+    pub password: String,
+}
+
+/// `201` answer to `POST /v1/accounts`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegisterResponse {
+    pub user_id: u64,
+    pub username: String,
+}
+
+/// `POST /v1/sessions`: log in, creating a new device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+    /// A human name for the new device ("laptop", "cli@host").
+    #[serde(default)]
+    pub device_name: String,
+}
+
+/// `201` answer to `POST /v1/sessions`. The token is shown once; the server keeps only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoginResponse {
+    pub user_id: u64,
+    pub username: String,
+    pub device_id: u64,
+    pub token: String,
+}
+
+/// One of the caller's own devices (`GET /v1/devices`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_id: u64,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    /// True for the device whose token made the request.
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DevicesResponse {
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// `GET /v1/users/{username}/devices`: the ids a `Send` to this user must address.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserDevicesResponse {
+    pub user_id: u64,
+    pub username: String,
+    pub devices: Vec<u64>,
+}
+
+/// Who may see a user's last seen.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    #[default]
+    Everyone,
+    /// Users with whom the owner shares a direct conversation.
+    Contacts,
+    Nobody,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Everyone => "everyone",
+            Visibility::Contacts => "contacts",
+            Visibility::Nobody => "nobody",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Visibility> {
+        match s {
+            "everyone" => Some(Visibility::Everyone),
+            "contacts" => Some(Visibility::Contacts),
+            "nobody" => Some(Visibility::Nobody),
+            _ => None,
+        }
+    }
+}
+
+/// `GET` / `PUT /v1/settings/privacy`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySettings {
+    pub last_seen: Visibility,
+}
+
+/// `GET /v1/users/{username}/last-seen`. `visible == false` means the privacy settings (the
+/// target's or, reciprocally, the caller's) hide it; then `online` and `last_seen_ms` are empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastSeenResponse {
+    pub username: String,
+    pub visible: bool,
+    pub online: bool,
+    pub last_seen_ms: Option<i64>,
+}
+
+/// Every HTTP error answer: `{"error": {...}}` with the status of [`ErrorCode::http_status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Seconds to wait before retrying, with `rate_limited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
