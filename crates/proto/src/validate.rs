@@ -15,7 +15,8 @@ pub fn username(name: &str) -> Result<(), String> {
     if !chars.next().is_some_and(|c| c.is_ascii_lowercase()) {
         return Err("username must start with a letter a-z".into());
     }
-    if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')) {
+    if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))
+    {
         return Err("username may contain only a-z, 0-9, '_', '.' and '-'".into());
     }
     Ok(())
@@ -24,7 +25,9 @@ pub fn username(name: &str) -> Result<(), String> {
 /// Checks a password's length and that it is not trivially weak.
 pub fn password(pw: &str, username: &str) -> Result<(), String> {
     if pw.len() < PASSWORD_MIN {
-        return Err(format!("password must be at least {PASSWORD_MIN} characters"));
+        return Err(format!(
+            "password must be at least {PASSWORD_MIN} characters"
+        ));
     }
     if pw.len() > PASSWORD_MAX {
         return Err(format!("password must be at most {PASSWORD_MAX} bytes"));
@@ -42,7 +45,9 @@ pub fn password(pw: &str, username: &str) -> Result<(), String> {
 /// Checks a device name.
 pub fn device_name(name: &str) -> Result<(), String> {
     if name.len() > DEVICE_NAME_MAX {
-        return Err(format!("device name must be at most {DEVICE_NAME_MAX} bytes"));
+        return Err(format!(
+            "device name must be at most {DEVICE_NAME_MAX} bytes"
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err("device name must not contain control characters".into());
@@ -69,10 +74,26 @@ mod tests {
 
     #[test]
     fn usernames() {
-        for ok in ["alice", "bob_2", "a.b-c", "abc", "a234567890123456789012345678901z"] {
+        for ok in [
+            "alice",
+            "bob_2",
+            "a.b-c",
+            "abc",
+            "a234567890123456789012345678901z",
+        ] {
             assert_eq!(username(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "ab", "Alice", "1abc", "_abc", "al ice", "alice!", "ä-user", &"a".repeat(33)] {
+        for bad in [
+            "",
+            "ab",
+            "Alice",
+            "1abc",
+            "_abc",
+            "al ice",
+            "alice!",
+            "ä-user",
+            &"a".repeat(33),
+        ] {
             assert!(username(bad).is_err(), "{bad}");
         }
     }

@@ -1,8 +1,8 @@
 //! Property tests: every frame survives encode/decode unchanged, and arbitrary bytes never panic
 //! the decoder.
 
-use prost::Message as _;
 use proptest::prelude::*;
+use prost::Message as _;
 use tern_proto::frames::*;
 
 fn peer() -> impl Strategy<Value = Option<Peer>> {
@@ -20,7 +20,10 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
             peer(),
             proptest::collection::vec(any::<u8>(), 0..256),
             proptest::collection::vec(
-                (any::<u64>(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))),
+                (
+                    any::<u64>(),
+                    proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))
+                ),
                 0..8
             )
         )
@@ -92,14 +95,17 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                 server_ts_ms: ts,
             })
         }),
-        (1i32..13, ".{0,30}", proptest::collection::vec(any::<u64>(), 0..4)).prop_map(
-            |(code, message, ids)| server_frame::Kind::Error(Error {
+        (
+            1i32..13,
+            ".{0,30}",
+            proptest::collection::vec(any::<u64>(), 0..4)
+        )
+            .prop_map(|(code, message, ids)| server_frame::Kind::Error(Error {
                 code,
                 message,
                 missing_devices: ids.clone(),
                 extra_devices: ids,
-            })
-        ),
+            })),
         any::<u64>().prop_map(|up_to| server_frame::Kind::Synced(Synced { up_to })),
         Just(server_frame::Kind::Done(Done {})),
     ]
@@ -142,6 +148,13 @@ proptest! {
 
 #[test]
 fn empty_frame_is_an_error() {
-    let bytes = ClientFrame { request_id: 7, kind: None }.encode_to_vec();
-    assert!(matches!(ClientFrame::decode_frame(&bytes, 1024), Err(DecodeError::Empty)));
+    let bytes = ClientFrame {
+        request_id: 7,
+        kind: None,
+    }
+    .encode_to_vec();
+    assert!(matches!(
+        ClientFrame::decode_frame(&bytes, 1024),
+        Err(DecodeError::Empty)
+    ));
 }

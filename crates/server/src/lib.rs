@@ -1,1 +1,25 @@
+//! `ternd`, the tern server, as a library: the binary in `main.rs` only parses flags and calls
+//! [`run`]; tests start the same [`run`] on `127.0.0.1:0`.
+//!
+//! Layers, bottom to top:
+//! - [`config`]: the one typed configuration (defaults, TOML file, environment, flags).
+//! - [`error`]: the one place where failures become wire error codes and HTTP statuses.
+//! - [`auth`]: password hashing and access tokens.
+//! - [`router`]: which connection holds which device, and live hand-off of mailbox entries.
+//! - [`services`]: messaging (send, ack, read) and presence (last seen), on top of the store
+//!   and the router.
+//! - [`http`]: the JSON API under `/v1`, health and metrics.
+//! - [`gateway`]: the WebSocket endpoint, one task per connection.
+//! - [`app`]: the composition root that builds [`app::AppState`] and [`run`], the entry point.
 
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod http;
+pub mod router;
+pub mod services;
+
+pub use app::{AppState, run};
+pub use config::Config;

@@ -1,1 +1,108 @@
+//! Storage for tern, behind messaging-shaped traits.
+//!
+//! Services never see SQL: they call [`Store`] methods that say what happens in the messenger
+//! ("post a message to these devices", "acknowledge a device's mailbox up to n", "mark read").
+//! Each method is one transaction, so every invariant below holds after each call, whatever the
+//! backend:
+//!
+//! - a message and the mailbox entries of every device it goes to commit together, or not at all;
+//! - `seq` is consecutive per conversation; `mseq` is consecutive per device mailbox;
+//! - `(sender_device, client_msg_id)` identifies a post: posting it again returns the first answer;
+//! - receipt watermarks only grow;
+//! - a removed device has no token, no mailbox and cannot be addressed.
+//!
+//! Backends: [`sqlite::SqliteStore`] (the embedded default). The conformance suite in
+//! `tests/conformance.rs` is written against the trait and is meant to run on every backend.
 
+mod error;
+pub mod logic;
+mod records;
+pub mod sqlite;
+
+pub use error::StoreError;
+pub use records::*;
+
+use async_trait::async_trait;
+
+/// Everything the server stores. Implementations must be cheap to share (`Arc<dyn Store>`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- accounts and devices ---
+
+    /// Creates a user. [`StoreError::UsernameTaken`] if the (lowercased) name exists.
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        now_ms: i64,
+    ) -> Result<UserId, StoreError>;
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Creates a device with the hash of its access token. [`StoreError::DeviceLimit`] if the user
+    /// already has `max_devices`.
+    async fn create_device(
+        &self,
+        user: UserId,
+        name: &str,
+        token_hash: &[u8],
+        max_devices: usize,
+        now_ms: i64,
+    ) -> Result<DeviceId, StoreError>;
+
+    /// The device (and its user) that holds the token with this hash.
+    async fn device_by_token(&self, token_hash: &[u8]) -> Result<Option<DeviceAuth>, StoreError>;
+
+    /// The user's devices, ordered by id.
+    async fn list_devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// Removes a device of `user`: its token, its mailbox. `NotFound` if it is not theirs.
+    async fn remove_device(&self, user: UserId, device: DeviceId) -> Result<(), StoreError>;
+
+    async fn set_last_seen_privacy(&self, user: UserId, v: Visibility) -> Result<(), StoreError>;
+
+    /// Whether the two users share a direct conversation.
+    async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool, StoreError>;
+
+    /// Persists a batch of last-seen times (the newest wins), in one transaction.
+    async fn save_last_seen(&self, batch: Vec<LastSeenUpdate>) -> Result<(), StoreError>;
+
+    // --- messaging ---
+
+    /// Stores a message and its mailbox entries in one transaction, after checking that
+    /// `post.devices` is exactly the recipient's devices plus the sender's other devices.
+    async fn post_message(&self, post: NewMessage) -> Result<PostOutcome, StoreError>;
+
+    /// Up to `limit` entries of a device's mailbox with `mseq > after`, in order.
+    async fn mailbox_after(
+        &self,
+        device: DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MailboxEntry>, StoreError>;
+
+    /// Removes a device's mailbox entries up to `up_to` and advances the user's delivered
+    /// watermarks; returns the receipt entries this produced for other devices.
+    async fn ack(
+        &self,
+        who: DeviceAuth,
+        up_to: u64,
+        now_ms: i64,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Advances `who`'s read watermark in the direct conversation with `peer`; returns the
+    /// receipt entries for the peer's devices and `who`'s other devices (none if it did not grow).
+    async fn mark_read(
+        &self,
+        who: DeviceAuth,
+        peer: UserId,
+        up_to_seq: u64,
+        now_ms: i64,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// A cheap round trip, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Flushes and closes; later calls fail with [`StoreError::Closed`].
+    async fn close(&self);
+}

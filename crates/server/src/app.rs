@@ -1,0 +1,171 @@
+//! The composition root: [`AppState::build`] wires the store, router, clock and services once
+//! and hands them down; nothing is looked up globally. [`run`] serves HTTP and WebSocket on a
+//! bound listener until `shutdown` fires, then closes sockets and flushes storage.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tern_store::Store;
+use tern_store::sqlite::{SqliteOptions, SqliteStore};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::router::{LocalRouter, Router};
+use crate::services::messaging::Messaging;
+use crate::services::presence::Presence;
+use crate::services::{Clock, SystemClock};
+
+/// Shared state handed to every handler and connection task.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub router: Arc<dyn Router>,
+    pub clock: Arc<dyn Clock>,
+    pub messaging: Arc<Messaging>,
+    pub presence: Arc<Presence>,
+    pub login_by_user: Arc<DefaultKeyedRateLimiter<String>>,
+    pub login_by_addr: Arc<DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    pub metrics: PrometheusHandle,
+    /// Every WebSocket connection task, so that shutdown can wait for them.
+    pub connections: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// The Prometheus recorder. The `metrics` facade has one recorder per process by design; it is
+/// installed on first use so that several servers in one test process share it.
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+fn per_minute(n: u32) -> Quota {
+    Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+}
+
+impl AppState {
+    /// Opens the embedded store in `config.data_dir` and builds the single-node state.
+    pub fn build(config: Config) -> anyhow::Result<AppState> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let db = config.data_dir.join("tern.db");
+        let store = SqliteStore::open(
+            &db,
+            SqliteOptions {
+                readers: config.sqlite_readers,
+            },
+        )?;
+        Ok(AppState::with_parts(
+            config,
+            Arc::new(store),
+            Arc::new(LocalRouter::default()),
+            Arc::new(SystemClock),
+        ))
+    }
+
+    /// Builds the state from given parts (another store, router or clock).
+    pub fn with_parts(
+        config: Config,
+        store: Arc<dyn Store>,
+        router: Arc<dyn Router>,
+        clock: Arc<dyn Clock>,
+    ) -> AppState {
+        let messaging = Arc::new(Messaging::new(
+            store.clone(),
+            router.clone(),
+            clock.clone(),
+            config.limits.clone(),
+        ));
+        let presence = Arc::new(Presence::new(store.clone(), router.clone(), clock.clone()));
+        AppState {
+            login_by_user: Arc::new(RateLimiter::keyed(per_minute(
+                config.limits.login_attempts_per_minute,
+            ))),
+            login_by_addr: Arc::new(RateLimiter::keyed(per_minute(
+                config.login_attempts_per_minute_per_address,
+            ))),
+            config: Arc::new(config),
+            store,
+            router,
+            clock,
+            messaging,
+            presence,
+            metrics: prometheus(),
+            connections: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+}
+
+/// Serves until `shutdown` is cancelled, then: stops accepting, closes every WebSocket with
+/// 1001 (going away), waits for connection tasks, flushes last seen and closes the store.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "ternd listening");
+    let flusher = tokio::spawn(state.presence.clone().run_flusher(
+        Duration::from_secs(state.config.last_seen_flush_secs),
+        state.shutdown.clone(),
+    ));
+    let housekeeping = tokio::spawn(housekeeping(state.clone()));
+
+    // Connection tasks watch the state's own token; tie it to the caller's.
+    let conn_shutdown = state.shutdown.clone();
+    let app = crate::http::router(state.clone());
+    let serve = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            conn_shutdown.cancel();
+        }
+    });
+    let served = serve.await;
+    state.shutdown.cancel();
+    state.connections.close();
+    if tokio::time::timeout(Duration::from_secs(10), state.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within 10 s");
+    }
+    let _ = flusher.await;
+    housekeeping.abort();
+    state.presence.flush().await;
+    state.store.close().await;
+    tracing::info!("ternd stopped");
+    served.map_err(Into::into)
+}
+
+/// Periodic upkeep: forget idle rate-limiter keys so the limiters stay bounded.
+async fn housekeeping(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        state.login_by_user.retain_recent();
+        state.login_by_addr.retain_recent();
+        state.login_by_user.shrink_to_fit();
+        state.login_by_addr.shrink_to_fit();
+    }
+}

@@ -1,0 +1,139 @@
+//! The one place where failures become protocol errors: [`ApiError`] carries an
+//! [`ErrorCode`], a message for humans and, for device mismatches, the device ids. HTTP handlers
+//! return it (it renders as `{"error": {...}}` with the code's status); the gateway turns it into
+//! an `Error` frame.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tern_proto::ErrorCode;
+use tern_proto::frames::{Error as ErrorFrame, ServerFrame, server_frame};
+use tern_proto::http::{ErrorBody, ErrorDetail};
+use tern_store::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+    pub missing_devices: Vec<u64>,
+    pub extra_devices: Vec<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+            missing_devices: Vec::new(),
+            extra_devices: Vec::new(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn unauthorized() -> Self {
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing, invalid or revoked access token",
+        )
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> ServerFrame {
+        ServerFrame {
+            request_id,
+            kind: Some(server_frame::Kind::Error(ErrorFrame {
+                code: self.code as i32,
+                message: self.message.clone(),
+                missing_devices: self.missing_devices.clone(),
+                extra_devices: self.extra_devices.clone(),
+            })),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::UsernameTaken => ApiError::new(ErrorCode::Conflict, "username is taken"),
+            StoreError::NotFound(what) => {
+                ApiError::new(ErrorCode::NotFound, format!("{what} not found"))
+            }
+            StoreError::DeviceLimit(n) => ApiError::new(
+                ErrorCode::LimitReached,
+                format!("the limit of {n} devices is reached"),
+            ),
+            StoreError::DeviceMismatch { missing, extra } => ApiError {
+                missing_devices: missing,
+                extra_devices: extra,
+                ..ApiError::new(
+                    ErrorCode::DeviceMismatch,
+                    "the addressed devices are not the current devices; refresh and retry",
+                )
+            },
+            StoreError::Invalid(m) => ApiError::bad_request(m),
+            StoreError::Closed => {
+                ApiError::new(ErrorCode::Unavailable, "the server is shutting down")
+            }
+            StoreError::Database(m) => {
+                // Logged here once; the client only learns that it may retry.
+                tracing::error!(error = %m, "store failure");
+                ApiError::new(ErrorCode::Internal, "internal error; retry later")
+            }
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiError::new(ErrorCode::Internal, "internal error; retry later")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry = self.retry_after_secs;
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                retry_after_secs: retry,
+            },
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if let Some(secs) = retry
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_codes() {
+        let cases = [
+            (StoreError::UsernameTaken, ErrorCode::Conflict),
+            (StoreError::NotFound("user"), ErrorCode::NotFound),
+            (StoreError::DeviceLimit(3), ErrorCode::LimitReached),
+            (StoreError::Invalid("x".into()), ErrorCode::BadRequest),
+            (StoreError::Closed, ErrorCode::Unavailable),
+            (StoreError::Database("disk".into()), ErrorCode::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(ApiError::from(e).code, code);
+        }
+        let m = ApiError::from(StoreError::DeviceMismatch {
+            missing: vec![1],
+            extra: vec![2],
+        });
+        assert_eq!((m.missing_devices, m.extra_devices), (vec![1], vec![2]));
+    }
+}

@@ -1,0 +1,186 @@
+//! Accounts, sessions and the caller's own devices.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::StatusCode;
+use tern_proto::ErrorCode;
+use tern_proto::http::{
+    DeviceInfo, DevicesResponse, LoginRequest, LoginResponse, RegisterRequest, RegisterResponse,
+};
+use tern_proto::validate;
+
+use super::{ApiJson, Authed};
+use crate::app::AppState;
+use crate::auth;
+use crate::error::ApiError;
+use crate::router::CloseReason;
+
+/// Runs argon2 off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error; retry later"))
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
+    let username = req.username.trim().to_ascii_lowercase();
+    validate::username(&username).map_err(ApiError::bad_request)?;
+    validate::password(&req.password, &username).map_err(ApiError::bad_request)?;
+    if state.store.user_by_name(&username).await?.is_some() {
+        return Err(ApiError::new(ErrorCode::Conflict, "username is taken"));
+    }
+    let password = req.password;
+    let hash = blocking(move || auth::hash_password(&password))
+        .await?
+        .map_err(|e| {
+            tracing::error!(error = %e, "password hashing failed");
+            ApiError::new(ErrorCode::Internal, "internal error; retry later")
+        })?;
+    let user_id = state
+        .store
+        .create_user(&username, &hash, state.clock.now_ms())
+        .await?;
+    tracing::info!(user_id, "account created");
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisterResponse { user_id, username }),
+    ))
+}
+
+fn rate_limited(secs: u64) -> ApiError {
+    ApiError {
+        retry_after_secs: Some(secs.max(1)),
+        ..ApiError::new(
+            ErrorCode::RateLimited,
+            "too many login attempts; retry later",
+        )
+    }
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<(StatusCode, Json<LoginResponse>), ApiError> {
+    let username = req.username.trim().to_ascii_lowercase();
+    let device_name = if req.device_name.trim().is_empty() {
+        "device".to_owned()
+    } else {
+        req.device_name.trim().to_owned()
+    };
+    validate::device_name(&device_name).map_err(ApiError::bad_request)?;
+    if req.password.len() > tern_proto::limits::PASSWORD_MAX
+        || username.len() > tern_proto::limits::USERNAME_MAX
+    {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "wrong username or password",
+        ));
+    }
+    let clock = governor::clock::DefaultClock::default();
+    for check in [
+        state
+            .login_by_addr
+            .check_key(&peer.ip())
+            .map_err(|n| n.wait_time_from(governor::clock::Clock::now(&clock))),
+        state
+            .login_by_user
+            .check_key(&username)
+            .map_err(|n| n.wait_time_from(governor::clock::Clock::now(&clock))),
+    ] {
+        if let Err(wait) = check {
+            metrics::counter!("tern_login_rate_limited_total").increment(1);
+            return Err(rate_limited(wait.as_secs() + 1));
+        }
+    }
+    let user = state.store.user_by_name(&username).await?;
+    let (hash, user) = match user {
+        Some(u) => (u.password_hash.clone(), Some(u)),
+        None => (auth::decoy_hash().to_owned(), None),
+    };
+    let password = req.password;
+    let ok = blocking(move || auth::verify_password(&password, &hash)).await?;
+    let user = match (ok, user) {
+        (true, Some(u)) => u,
+        _ => {
+            metrics::counter!("tern_login_failures_total").increment(1);
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "wrong username or password",
+            ));
+        }
+    };
+    let token = auth::new_token();
+    let device_id = state
+        .store
+        .create_device(
+            user.id,
+            &device_name,
+            &auth::token_hash(&token),
+            state.config.limits.max_devices_per_user,
+            state.clock.now_ms(),
+        )
+        .await?;
+    tracing::info!(user_id = user.id, device_id, "device logged in");
+    Ok((
+        StatusCode::CREATED,
+        Json(LoginResponse {
+            user_id: user.id,
+            username: user.username,
+            device_id,
+            token,
+        }),
+    ))
+}
+
+async fn remove(state: &AppState, user: u64, device: u64) -> Result<StatusCode, ApiError> {
+    state.store.remove_device(user, device).await?;
+    state.router.disconnect(device, CloseReason::Revoked);
+    tracing::info!(user_id = user, device_id = device, "device removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn logout(
+    State(state): State<AppState>,
+    Authed(who): Authed,
+) -> Result<StatusCode, ApiError> {
+    remove(&state, who.user_id, who.device_id).await
+}
+
+pub async fn remove_device(
+    State(state): State<AppState>,
+    Authed(who): Authed,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("device id must be a number"))?;
+    remove(&state, who.user_id, id).await
+}
+
+pub async fn list_devices(
+    State(state): State<AppState>,
+    Authed(who): Authed,
+) -> Result<Json<DevicesResponse>, ApiError> {
+    let devices = state
+        .store
+        .list_devices(who.user_id)
+        .await?
+        .into_iter()
+        .map(|d| DeviceInfo {
+            device_id: d.id,
+            current: d.id == who.device_id,
+            name: d.name,
+            created_at_ms: d.created_at_ms,
+            last_seen_ms: d.last_seen_ms,
+        })
+        .collect();
+    Ok(Json(DevicesResponse { devices }))
+}

@@ -1,0 +1,51 @@
+//! The HTTP API under `/v1` (JSON), health, readiness and metrics. Handlers take [`AppState`]
+//! and return `Result<_, ApiError>`, so every failure has a typed code and status.
+
+mod accounts;
+pub mod extract;
+mod users;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+
+use crate::app::AppState;
+
+pub use extract::{ApiJson, Authed};
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.limits.max_http_body_bytes;
+    Router::new()
+        .route("/v1/accounts", post(accounts::register))
+        .route("/v1/sessions", post(accounts::login))
+        .route("/v1/sessions/current", delete(accounts::logout))
+        .route("/v1/devices", get(accounts::list_devices))
+        .route("/v1/devices/{id}", delete(accounts::remove_device))
+        .route("/v1/users/{username}/devices", get(users::user_devices))
+        .route("/v1/users/{username}/last-seen", get(users::last_seen))
+        .route(
+            "/v1/settings/privacy",
+            get(users::get_privacy).put(users::put_privacy),
+        )
+        .route("/v1/ws", get(crate::gateway::upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            crate::error::ApiError::new(tern_proto::ErrorCode::NotFound, "no such endpoint")
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    match state.store.ping().await {
+        Ok(()) if !state.shutdown.is_cancelled() => (StatusCode::OK, "ready"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> String {
+    state.metrics.render()
+}

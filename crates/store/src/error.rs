@@ -1,0 +1,30 @@
+use crate::DeviceId;
+
+/// What a store call can fail with. Domain outcomes first, then infrastructure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("username is taken")]
+    UsernameTaken,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("the limit of {0} devices is reached")]
+    DeviceLimit(usize),
+    #[error("addressed devices do not match: missing {missing:?}, extra {extra:?}")]
+    DeviceMismatch {
+        missing: Vec<DeviceId>,
+        extra: Vec<DeviceId>,
+    },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}

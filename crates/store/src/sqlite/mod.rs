@@ -1,0 +1,335 @@
+//! The embedded SQLite backend.
+//!
+//! One writer thread owns the only write connection and does **group commit**: it takes every
+//! write waiting in its queue (up to [`MAX_BATCH`]), runs each inside a savepoint of one
+//! transaction, commits once, and only then answers each caller. Durability (`synchronous=FULL`
+//! in WAL mode: the commit is fsynced) therefore costs one fsync per batch, not per message, and a
+//! caller never hears "done" for something that is not on disk. A write that fails rolls back to
+//! its savepoint and fails alone.
+//!
+//! Reads go to a small pool of read-only connections (WAL lets them run beside the writer) on
+//! tokio's blocking threads.
+
+mod queries;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, Transaction};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::*;
+
+/// Most writes committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+/// Writes waiting for the writer before callers wait for room.
+const WRITE_QUEUE: usize = 8192;
+
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type WriteOp = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Completion) + Send>;
+
+/// Options for [`SqliteStore::open`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Read connections (concurrent reads).
+    pub readers: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { readers: 4 }
+    }
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writes: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<ReadPool>,
+}
+
+struct ReadPool {
+    permits: Semaphore,
+    conns: Mutex<Vec<Connection>>,
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let mut conn = Connection::open(path)?;
+        configure(&conn)?;
+        schema::migrate(&mut conn)?;
+        let mut readers = Vec::with_capacity(opts.readers);
+        for _ in 0..opts.readers.max(1) {
+            let r = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            r.busy_timeout(std::time::Duration::from_secs(5))?;
+            readers.push(r);
+        }
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("tern-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writes: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            readers: Arc::new(ReadPool {
+                permits: Semaphore::new(readers.len()),
+                conns: Mutex::new(readers),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` inside the writer's next batch; answers after the batch committed.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let sender = self
+            .writes
+            .lock()
+            .map_err(|_| StoreError::Closed)?
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let op: WriteOp = Box::new(move |txn| {
+            let result = f(txn);
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |commit| {
+                let _ = done_tx.send(commit.and(result));
+            });
+            (ok, completion)
+        });
+        sender.send(op).await.map_err(|_| StoreError::Closed)?;
+        done_rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a read connection on a blocking thread.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        let _permit = pool
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let pool2 = pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool2
+                .conns
+                .lock()
+                .map_err(|_| StoreError::Closed)?
+                .pop()
+                .ok_or(StoreError::Closed)?;
+            let result = f(&conn);
+            if let Ok(mut conns) = pool2.conns.lock() {
+                conns.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut batch: Vec<WriteOp> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let (commit, completions) = run_batch(&mut conn, &mut batch);
+        metrics::histogram!("tern_store_commit_batch_size").record(completions.len() as f64);
+        metrics::histogram!("tern_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        for done in completions {
+            done(commit.clone());
+        }
+    }
+    // The queue closed: checkpoint the WAL so the database file is complete on its own.
+    if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+        tracing::warn!(error = %e, "WAL checkpoint at close failed");
+    }
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<WriteOp>,
+) -> (Result<(), StoreError>, Vec<Completion>) {
+    let mut completions = Vec::with_capacity(batch.len());
+    let txn = match conn.transaction() {
+        Ok(t) => t,
+        Err(e) => {
+            let err = StoreError::from(e);
+            tracing::error!(error = %err, "cannot begin a transaction");
+            // The callers' closures never ran; dropping them fails each caller's request.
+            batch.clear();
+            return (Err(err), completions);
+        }
+    };
+    for op in batch.drain(..) {
+        if let Err(e) = txn.execute_batch("SAVEPOINT op") {
+            tracing::error!(error = %e, "savepoint failed");
+        }
+        let (ok, done) = op(&txn);
+        let end = if ok {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
+        if let Err(e) = txn.execute_batch(end) {
+            tracing::error!(error = %e, "savepoint release failed");
+        }
+        completions.push(done);
+    }
+    let commit = txn.commit().map_err(StoreError::from);
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "group commit failed");
+    }
+    (commit, completions)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(
+        &self,
+        username: &str,
+        hash: &str,
+        now: i64,
+    ) -> Result<UserId, StoreError> {
+        let (u, h) = (username.to_owned(), hash.to_owned());
+        self.write(move |t| queries::create_user(t, &u, &h, now))
+            .await
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
+        let u = username.to_owned();
+        self.read(move |c| queries::user_by_name(c, &u)).await
+    }
+
+    async fn create_device(
+        &self,
+        user: UserId,
+        name: &str,
+        token_hash: &[u8],
+        max_devices: usize,
+        now: i64,
+    ) -> Result<DeviceId, StoreError> {
+        let (n, h) = (name.to_owned(), token_hash.to_owned());
+        self.write(move |t| queries::create_device(t, user, &n, &h, max_devices, now))
+            .await
+    }
+
+    async fn device_by_token(&self, token_hash: &[u8]) -> Result<Option<DeviceAuth>, StoreError> {
+        let h = token_hash.to_owned();
+        self.read(move |c| queries::device_by_token(c, &h)).await
+    }
+
+    async fn list_devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read(move |c| queries::list_devices(c, user)).await
+    }
+
+    async fn remove_device(&self, user: UserId, device: DeviceId) -> Result<(), StoreError> {
+        self.write(move |t| queries::remove_device(t, user, device))
+            .await
+    }
+
+    async fn set_last_seen_privacy(&self, user: UserId, v: Visibility) -> Result<(), StoreError> {
+        self.write(move |t| queries::set_privacy(t, user, v)).await
+    }
+
+    async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool, StoreError> {
+        self.read(move |c| queries::are_contacts(c, a, b)).await
+    }
+
+    async fn save_last_seen(&self, batch: Vec<LastSeenUpdate>) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.write(move |t| queries::save_last_seen(t, &batch))
+            .await
+    }
+
+    async fn post_message(&self, post: NewMessage) -> Result<PostOutcome, StoreError> {
+        self.write(move |t| queries::post_message(t, &post)).await
+    }
+
+    async fn mailbox_after(
+        &self,
+        device: DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MailboxEntry>, StoreError> {
+        self.read(move |c| queries::mailbox_after(c, device, after, limit))
+            .await
+    }
+
+    async fn ack(
+        &self,
+        who: DeviceAuth,
+        up_to: u64,
+        now: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.write(move |t| queries::ack(t, &who, up_to, now)).await
+    }
+
+    async fn mark_read(
+        &self,
+        who: DeviceAuth,
+        peer: UserId,
+        up_to_seq: u64,
+        now: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.write(move |t| queries::mark_read(t, &who, peer, up_to_seq, now))
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|c| {
+            Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(|_| ())?)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        // Dropping the only sender ends the writer loop once the queue is empty.
+        let sender = self.writes.lock().ok().and_then(|mut w| w.take());
+        drop(sender);
+        let handle = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        if let Ok(mut conns) = self.readers.conns.lock() {
+            conns.clear();
+        }
+        self.readers.permits.close();
+    }
+}

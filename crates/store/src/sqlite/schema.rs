@@ -1,0 +1,93 @@
+//! Numbered migrations, applied in order inside one transaction each; `PRAGMA user_version`
+//! records how many have been applied. Never edit a released migration: add the next one.
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: accounts, devices, direct conversations, messages, mailboxes, receipts.
+    r#"
+    CREATE TABLE users (
+        id                 INTEGER PRIMARY KEY,
+        username           TEXT NOT NULL UNIQUE,
+        password_hash      TEXT NOT NULL,
+        created_at         INTEGER NOT NULL,
+        last_seen          INTEGER,
+        last_seen_privacy  INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE devices (
+        id          INTEGER PRIMARY KEY,
+        user_id     INTEGER NOT NULL REFERENCES users(id),
+        name        TEXT NOT NULL,
+        token_hash  BLOB NOT NULL UNIQUE,
+        created_at  INTEGER NOT NULL,
+        last_seen   INTEGER,
+        next_mseq   INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX devices_by_user ON devices(user_id);
+    -- A direct conversation is identified by its ordered pair of users.
+    CREATE TABLE conversations (
+        id        INTEGER PRIMARY KEY,
+        user_lo   INTEGER NOT NULL REFERENCES users(id),
+        user_hi   INTEGER NOT NULL REFERENCES users(id),
+        next_seq  INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (user_lo, user_hi)
+    );
+    CREATE INDEX conversations_by_hi ON conversations(user_hi);
+    -- body is NULL once every addressed device has acknowledged (pending = 0): the server keeps
+    -- the metadata for idempotent retries, not the content.
+    CREATE TABLE messages (
+        conversation_id  INTEGER NOT NULL,
+        seq              INTEGER NOT NULL,
+        sender_user      INTEGER NOT NULL,
+        sender_device    INTEGER NOT NULL,
+        client_msg_id    TEXT NOT NULL,
+        server_ts        INTEGER NOT NULL,
+        body             BLOB,
+        pending          INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, seq),
+        UNIQUE (sender_device, client_msg_id)
+    ) WITHOUT ROWID;
+    -- kind 1 = message (seq = message seq, body = per-device body or NULL),
+    -- kind 2 = delivered receipt, 3 = read receipt (seq = watermark, reader = reading user).
+    CREATE TABLE mailbox (
+        device_id        INTEGER NOT NULL,
+        mseq             INTEGER NOT NULL,
+        kind             INTEGER NOT NULL,
+        conversation_id  INTEGER NOT NULL,
+        seq              INTEGER NOT NULL,
+        reader           INTEGER,
+        body             BLOB,
+        ts               INTEGER NOT NULL,
+        PRIMARY KEY (device_id, mseq)
+    ) WITHOUT ROWID;
+    CREATE TABLE receipts (
+        conversation_id  INTEGER NOT NULL,
+        reader           INTEGER NOT NULL,
+        delivered_up_to  INTEGER NOT NULL DEFAULT 0,
+        read_up_to       INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (conversation_id, reader)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// Brings the database to the latest schema.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::Database(format!(
+            "database schema version {current} is newer than this server ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied migration");
+    }
+    Ok(())
+}

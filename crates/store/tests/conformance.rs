@@ -1,0 +1,537 @@
+//! The store conformance suite: the behaviour every backend must have, written once against the
+//! [`Store`] trait. `conformance!` instantiates it for a backend; SQLite runs always.
+
+use std::sync::Arc;
+
+use tern_store::*;
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+async fn sqlite() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store =
+        sqlite::SqliteStore::open(&dir.path().join("t.db"), sqlite::SqliteOptions::default())
+            .expect("open");
+    Fixture {
+        store: Arc::new(store),
+        _dir: dir,
+    }
+}
+
+/// A user with `n` devices; returns the auth of each device.
+async fn user(s: &dyn Store, name: &str, n: usize) -> Vec<DeviceAuth> {
+    let id = s.create_user(name, "hash", 1).await.expect("user");
+    let mut out = Vec::new();
+    for i in 0..n {
+        let token = format!("{name}-{i}");
+        let d = s
+            .create_device(id, "dev", token.as_bytes(), 16, 1)
+            .await
+            .expect("device");
+        out.push(DeviceAuth {
+            device_id: d,
+            user_id: id,
+            username: name.into(),
+        });
+    }
+    out
+}
+
+fn to(sender: &DeviceAuth, recipient: UserId, id: &str, devices: &[DeviceId]) -> NewMessage {
+    NewMessage {
+        sender: sender.clone(),
+        recipient,
+        client_msg_id: id.into(),
+        body: format!("body {id}").into_bytes(),
+        devices: devices
+            .iter()
+            .map(|d| AddressedDevice {
+                device: *d,
+                body: None,
+            })
+            .collect(),
+        now_ms: 1000,
+    }
+}
+
+fn ids(devs: &[DeviceAuth]) -> Vec<DeviceId> {
+    devs.iter().map(|d| d.device_id).collect()
+}
+
+fn stored_seq(o: &PostOutcome) -> u64 {
+    match o {
+        PostOutcome::Stored { seq, .. } | PostOutcome::Duplicate { seq, .. } => *seq,
+    }
+}
+
+async fn messages_of(s: &dyn Store, device: DeviceId) -> Vec<(u64, u64, Vec<u8>)> {
+    s.mailbox_after(device, 0, 1000)
+        .await
+        .expect("mailbox")
+        .into_iter()
+        .filter_map(|e| match e.item {
+            MailboxItem::Message(m) => Some((e.mseq, m.seq, m.body.to_vec())),
+            MailboxItem::Receipt(_) => None,
+        })
+        .collect()
+}
+
+async fn receipts_of(s: &dyn Store, device: DeviceId) -> Vec<(ReceiptKind, UserId, u64)> {
+    s.mailbox_after(device, 0, 1000)
+        .await
+        .expect("mailbox")
+        .into_iter()
+        .filter_map(|e| match e.item {
+            MailboxItem::Receipt(r) => Some((r.kind, r.reader, r.up_to_seq)),
+            MailboxItem::Message(_) => None,
+        })
+        .collect()
+}
+
+async fn accounts_and_devices(f: Fixture) {
+    let s = &*f.store;
+    let a = s.create_user("alice", "h", 1).await.expect("create");
+    assert_eq!(
+        s.create_user("alice", "h2", 2).await,
+        Err(StoreError::UsernameTaken)
+    );
+    let rec = s.user_by_name("alice").await.expect("get").expect("exists");
+    assert_eq!((rec.id, rec.password_hash.as_str()), (a, "h"));
+    assert_eq!(s.user_by_name("nobody").await.expect("get"), None);
+
+    let d1 = s.create_device(a, "one", b"t1", 2, 5).await.expect("d1");
+    let d2 = s.create_device(a, "two", b"t2", 2, 6).await.expect("d2");
+    assert_eq!(
+        s.create_device(a, "three", b"t3", 2, 7).await,
+        Err(StoreError::DeviceLimit(2))
+    );
+    let auth = s
+        .device_by_token(b"t1")
+        .await
+        .expect("auth")
+        .expect("found");
+    assert_eq!(
+        (auth.device_id, auth.user_id, auth.username.as_str()),
+        (d1, a, "alice")
+    );
+    assert_eq!(s.device_by_token(b"nope").await.expect("auth"), None);
+    let list: Vec<_> = s
+        .list_devices(a)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(list, vec![d1, d2]);
+
+    let b = s.create_user("bob", "h", 1).await.expect("bob");
+    assert_eq!(
+        s.remove_device(b, d1).await,
+        Err(StoreError::NotFound("device")),
+        "not bob's device"
+    );
+    s.remove_device(a, d1).await.expect("remove");
+    assert_eq!(
+        s.device_by_token(b"t1").await.expect("auth"),
+        None,
+        "token revoked"
+    );
+    assert_eq!(s.list_devices(a).await.expect("list").len(), 1);
+}
+
+async fn post_assigns_consecutive_seqs_and_is_idempotent(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 2).await;
+    let bob = user(s, "bob", 2).await;
+    let mut devices = ids(&bob);
+    devices.push(alice[1].device_id);
+    for i in 1..=5u64 {
+        let out = s
+            .post_message(to(&alice[0], bob[0].user_id, &format!("m{i}"), &devices))
+            .await
+            .expect("post");
+        assert!(matches!(out, PostOutcome::Stored { seq, .. } if seq == i));
+    }
+    // A retry answers the original seq and stores nothing.
+    let again = s
+        .post_message(to(&alice[0], bob[0].user_id, "m3", &devices))
+        .await
+        .expect("retry");
+    assert!(matches!(
+        again,
+        PostOutcome::Duplicate {
+            seq: 3,
+            server_ts_ms: 1000
+        }
+    ));
+    // Bob answers in the same conversation: the sequence continues.
+    let mut back = ids(&alice);
+    back.push(bob[1].device_id);
+    let out = s
+        .post_message(to(&bob[0], alice[0].user_id, "r1", &back))
+        .await
+        .expect("reply");
+    assert_eq!(stored_seq(&out), 6);
+
+    for d in [bob[0].device_id, bob[1].device_id, alice[1].device_id] {
+        let got = messages_of(s, d).await;
+        let seqs: Vec<u64> = got.iter().map(|m| m.1).collect();
+        let expect: Vec<u64> = if d == bob[0].device_id {
+            (1..=5).collect()
+        } else {
+            (1..=6).collect()
+        };
+        assert_eq!(seqs, expect, "device {d}");
+        let mseqs: Vec<u64> = got.iter().map(|m| m.0).collect();
+        assert_eq!(
+            mseqs,
+            (1..=expect.len() as u64).collect::<Vec<_>>(),
+            "mailbox seqs are consecutive"
+        );
+    }
+    assert!(
+        messages_of(s, alice[0].device_id)
+            .await
+            .iter()
+            .all(|m| m.1 == 6),
+        "sender gets no copy of its own"
+    );
+    assert!(
+        s.are_contacts(alice[0].user_id, bob[0].user_id)
+            .await
+            .expect("contacts")
+    );
+}
+
+async fn device_mismatch_stores_nothing(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 2).await;
+    let bob = user(s, "bob", 2).await;
+    let only_one_bob = vec![bob[0].device_id, alice[1].device_id];
+    let err = s
+        .post_message(to(&alice[0], bob[0].user_id, "x", &only_one_bob))
+        .await;
+    assert_eq!(
+        err,
+        Err(StoreError::DeviceMismatch {
+            missing: vec![bob[1].device_id],
+            extra: vec![]
+        })
+    );
+    let with_self = vec![
+        bob[0].device_id,
+        bob[1].device_id,
+        alice[1].device_id,
+        alice[0].device_id,
+    ];
+    let err = s
+        .post_message(to(&alice[0], bob[0].user_id, "x", &with_self))
+        .await;
+    assert_eq!(
+        err,
+        Err(StoreError::DeviceMismatch {
+            missing: vec![],
+            extra: vec![alice[0].device_id]
+        })
+    );
+    assert!(messages_of(s, bob[0].device_id).await.is_empty());
+    assert!(
+        !s.are_contacts(alice[0].user_id, bob[0].user_id)
+            .await
+            .expect("contacts"),
+        "no conversation was created"
+    );
+    let ok = s
+        .post_message(to(
+            &alice[0],
+            bob[0].user_id,
+            "x",
+            &[bob[0].device_id, bob[1].device_id, alice[1].device_id],
+        ))
+        .await
+        .expect("post");
+    assert_eq!(
+        stored_seq(&ok),
+        1,
+        "the failed attempts used no sequence number"
+    );
+    assert_eq!(
+        s.post_message(to(&alice[0], 999, "y", &[])).await,
+        Err(StoreError::NotFound("recipient"))
+    );
+}
+
+async fn per_device_bodies(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 2).await;
+    let mut post = to(&alice[0], bob[0].user_id, "e", &ids(&bob));
+    post.devices[0].body = Some(b"for device one".to_vec());
+    s.post_message(post).await.expect("post");
+    assert_eq!(
+        messages_of(s, bob[0].device_id).await[0].2,
+        b"for device one"
+    );
+    assert_eq!(messages_of(s, bob[1].device_id).await[0].2, b"body e");
+}
+
+async fn ack_removes_and_produces_delivered_receipts(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 2).await;
+    let bob = user(s, "bob", 1).await;
+    let devices = vec![bob[0].device_id, alice[1].device_id];
+    for i in 1..=3 {
+        s.post_message(to(&alice[0], bob[0].user_id, &format!("m{i}"), &devices))
+            .await
+            .expect("post");
+    }
+    let receipts = s.ack(bob[0].clone(), 2, 2000).await.expect("ack");
+    let targets: Vec<DeviceId> = receipts.iter().map(|d| d.device).collect();
+    assert_eq!(
+        targets,
+        ids(&alice),
+        "every device of the sender gets the receipt"
+    );
+    for d in &receipts {
+        assert_eq!(d.user, alice[0].user_id);
+    }
+    assert_eq!(
+        messages_of(s, bob[0].device_id)
+            .await
+            .iter()
+            .map(|m| m.1)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(
+        receipts_of(s, alice[0].device_id).await,
+        vec![(ReceiptKind::Delivered, bob[0].user_id, 2)]
+    );
+    // Acking the same range again, or nothing new, produces no receipt.
+    assert!(
+        s.ack(bob[0].clone(), 2, 2001)
+            .await
+            .expect("ack")
+            .is_empty()
+    );
+    // Alice's other device acking her own copies produces no receipt either.
+    assert!(
+        s.ack(alice[1].clone(), 3, 2002)
+            .await
+            .expect("ack")
+            .is_empty()
+    );
+    let r = s.ack(bob[0].clone(), 3, 2003).await.expect("ack");
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        receipts_of(s, alice[0].device_id).await,
+        vec![
+            (ReceiptKind::Delivered, bob[0].user_id, 2),
+            (ReceiptKind::Delivered, bob[0].user_id, 3)
+        ]
+    );
+}
+
+async fn read_receipts_are_watermarks(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 2).await;
+    let mut devices = ids(&bob);
+    devices.sort();
+    for i in 1..=4 {
+        s.post_message(to(&alice[0], bob[0].user_id, &format!("m{i}"), &devices))
+            .await
+            .expect("post");
+    }
+    let r = s
+        .mark_read(bob[0].clone(), alice[0].user_id, 3, 5)
+        .await
+        .expect("read");
+    let mut targets: Vec<DeviceId> = r.iter().map(|d| d.device).collect();
+    targets.sort();
+    assert_eq!(
+        targets,
+        vec![alice[0].device_id, bob[1].device_id],
+        "the peer and the reader's other devices"
+    );
+    assert!(
+        s.mark_read(bob[1].clone(), alice[0].user_id, 2, 6)
+            .await
+            .expect("read")
+            .is_empty(),
+        "lower watermark: nothing"
+    );
+    assert_eq!(
+        s.mark_read(bob[0].clone(), alice[0].user_id, 9, 7).await,
+        Err(StoreError::Invalid(
+            "up_to_seq 9 is beyond the last message (4)".into()
+        ))
+    );
+    assert_eq!(
+        s.mark_read(bob[0].clone(), 999, 1, 7).await,
+        Err(StoreError::NotFound("conversation"))
+    );
+    assert_eq!(
+        receipts_of(s, alice[0].device_id).await,
+        vec![(ReceiptKind::Read, bob[0].user_id, 3)]
+    );
+}
+
+async fn removing_a_device_empties_its_mailbox(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 2).await;
+    s.post_message(to(&alice[0], bob[0].user_id, "m", &ids(&bob)))
+        .await
+        .expect("post");
+    s.remove_device(bob[1].user_id, bob[1].device_id)
+        .await
+        .expect("remove");
+    assert!(
+        s.mailbox_after(bob[1].device_id, 0, 10)
+            .await
+            .expect("mailbox")
+            .is_empty()
+    );
+    assert_eq!(
+        s.post_message(to(&alice[0], bob[0].user_id, "n", &ids(&bob)))
+            .await,
+        Err(StoreError::DeviceMismatch {
+            missing: vec![],
+            extra: vec![bob[1].device_id]
+        })
+    );
+}
+
+async fn concurrent_posts_share_one_order(f: Fixture) {
+    let alice = user(&*f.store, "alice", 1).await;
+    let bob = user(&*f.store, "bob", 1).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (s, a, b) = (f.store.clone(), alice[0].clone(), bob[0].clone());
+        tasks.push(tokio::spawn(async move {
+            stored_seq(
+                &s.post_message(to(&a, b.user_id, &format!("c{i}"), &[b.device_id]))
+                    .await
+                    .expect("post"),
+            )
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.expect("task"));
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    let got: Vec<u64> = messages_of(&*f.store, bob[0].device_id)
+        .await
+        .iter()
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(got, (1..=200).collect::<Vec<_>>());
+}
+
+async fn last_seen_and_privacy(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let d = alice[0].device_id;
+    let u = alice[0].user_id;
+    s.save_last_seen(vec![
+        LastSeenUpdate {
+            user: u,
+            device: d,
+            at_ms: 50,
+        },
+        LastSeenUpdate {
+            user: u,
+            device: d,
+            at_ms: 40,
+        },
+    ])
+    .await
+    .expect("save");
+    s.save_last_seen(vec![LastSeenUpdate {
+        user: u,
+        device: d,
+        at_ms: 30,
+    }])
+    .await
+    .expect("older");
+    assert_eq!(
+        s.user_by_name("alice")
+            .await
+            .expect("get")
+            .expect("user")
+            .last_seen_ms,
+        Some(50)
+    );
+    assert_eq!(
+        s.list_devices(u).await.expect("devices")[0].last_seen_ms,
+        Some(50)
+    );
+    s.set_last_seen_privacy(u, Visibility::Nobody)
+        .await
+        .expect("privacy");
+    assert_eq!(
+        s.user_by_name("alice")
+            .await
+            .expect("get")
+            .expect("user")
+            .last_seen_privacy,
+        Visibility::Nobody
+    );
+}
+
+macro_rules! conformance {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+            conformance!(@tests $make;
+                accounts_and_devices,
+                post_assigns_consecutive_seqs_and_is_idempotent,
+                device_mismatch_stores_nothing,
+                per_device_bodies,
+                ack_removes_and_produces_delivered_receipts,
+                read_receipts_are_watermarks,
+                removing_a_device_empties_its_mailbox,
+                concurrent_posts_share_one_order,
+                last_seen_and_privacy);
+        }
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($make.await).await;
+            }
+        )*
+    };
+}
+
+conformance!(sqlite_backend, sqlite());
+
+#[tokio::test]
+async fn sqlite_state_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.db");
+    {
+        let s = sqlite::SqliteStore::open(&path, sqlite::SqliteOptions::default()).expect("open");
+        let alice = user(&s, "alice", 1).await;
+        let bob = user(&s, "bob", 1).await;
+        s.post_message(to(&alice[0], bob[0].user_id, "m", &ids(&bob)))
+            .await
+            .expect("post");
+        s.close().await;
+        assert_eq!(s.ping().await, Err(StoreError::Closed));
+    }
+    let s = sqlite::SqliteStore::open(&path, sqlite::SqliteOptions::default()).expect("reopen");
+    let bob = s
+        .device_by_token(b"bob-0")
+        .await
+        .expect("auth")
+        .expect("bob");
+    assert_eq!(messages_of(&s, bob.device_id).await.len(), 1);
+}
