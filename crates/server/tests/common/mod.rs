@@ -1,0 +1,216 @@
+//! Test harness: the real server on 127.0.0.1:0 with a temporary data directory, plus small raw
+//! HTTP and WebSocket helpers for protocol-level tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tern_proto::frames::*;
+use tern_server::{AppState, Config};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, tweak).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
+        config.last_seen_flush_secs = 1;
+        tweak(&mut config);
+        let state = AppState::build(config).expect("state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(tern_server::run(listener, state, shutdown.clone()));
+        TestServer { addr, dir, shutdown, task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful shutdown; returns the data directory for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), t)
+                .await
+                .expect("server stops in time")
+                .expect("join")
+                .expect("server ran cleanly");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    pub fn http(&self) -> Http {
+        Http { base: self.url(), client: reqwest::Client::new() }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub struct Http {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Http {
+    pub async fn post(&self, path: &str, body: serde_json::Value, token: Option<&str>) -> (u16, serde_json::Value) {
+        let mut req = self.client.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await.expect("request")).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await.expect("request")).await
+    }
+
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        let mut req = self.client.delete(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await.expect("request")).await
+    }
+
+    async fn answer(resp: reqwest::Response) -> (u16, serde_json::Value) {
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    /// Registers and logs in; returns (user_id, device_id, token).
+    pub async fn account(&self, name: &str) -> (u64, u64, String) {
+        let (s, _) = self.post("/v1/accounts", serde_json::json!({"username": name, "password": "correct horse"}), None).await;
+        assert!(s == 201 || s == 409, "register {name}: {s}");
+        self.login(name).await
+    }
+
+    pub async fn login(&self, name: &str) -> (u64, u64, String) {
+        let (s, v) = self
+            .post("/v1/sessions", serde_json::json!({"username": name, "password": "correct horse", "device_name": "test"}), None)
+            .await;
+        assert_eq!(s, 201, "login {name}: {v}");
+        (v["user_id"].as_u64().expect("uid"), v["device_id"].as_u64().expect("did"), v["token"].as_str().expect("token").to_owned())
+    }
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A raw protocol connection.
+pub struct Raw {
+    pub ws: Ws,
+    next_id: u64,
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+impl Raw {
+    pub async fn open(addr: SocketAddr) -> Raw {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.expect("connect");
+        Raw { ws, next_id: 1 }
+    }
+
+    /// Opens, says Hello with `token`, and expects Welcome then reads up to Synced.
+    pub async fn connect(addr: SocketAddr, token: &str) -> (Raw, Welcome, Vec<Event>) {
+        let mut raw = Raw::open(addr).await;
+        let rid = raw.request(client_frame::Kind::Hello(Hello { protocol_version: 1, token: token.into() })).await;
+        let welcome = match raw.recv().await.kind {
+            Some(server_frame::Kind::Welcome(w)) => w,
+            other => panic!("expected Welcome to {rid}, got {other:?}"),
+        };
+        let mut events = Vec::new();
+        loop {
+            match raw.recv().await.kind {
+                Some(server_frame::Kind::Event(e)) => events.push(e),
+                Some(server_frame::Kind::Synced(_)) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (raw, welcome, events)
+    }
+
+    pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        self.ws.send(WsMessage::Binary(bytes.into())).await.expect("send");
+    }
+
+    pub async fn request(&mut self, kind: client_frame::Kind) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_bytes(ClientFrame { request_id: id, kind: Some(kind) }.encode_to_vec()).await;
+        id
+    }
+
+    /// The next server frame (skipping WebSocket pings).
+    pub async fn recv(&mut self) -> ServerFrame {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            match msg.expect("open").expect("frame") {
+                WsMessage::Binary(b) => return ServerFrame::decode(&b[..]).expect("decodes"),
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the answer to request `rid`, collecting events that come first.
+    pub async fn answer(&mut self, rid: u64, events: &mut Vec<Event>) -> server_frame::Kind {
+        loop {
+            let f = self.recv().await;
+            match f.kind {
+                Some(server_frame::Kind::Event(e)) => events.push(e),
+                Some(k) if f.request_id == rid => return k,
+                other => panic!("unexpected {other:?} while waiting for {rid}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            match msg {
+                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn send_text_msg(&mut self, to: u64, id: &str, body: &[u8], devices: &[u64]) -> u64 {
+        self.request(client_frame::Kind::Send(Send {
+            client_msg_id: id.into(),
+            to: Some(Peer::user(to)),
+            body: body.to_vec(),
+            devices: devices.iter().map(|d| DeviceBody { device_id: *d, body: None }).collect(),
+        }))
+        .await
+    }
+}
