@@ -205,12 +205,23 @@ impl Raw {
     }
 
     pub async fn send_text_msg(&mut self, to: u64, id: &str, body: &[u8], devices: &[u64]) -> u64 {
-        self.request(client_frame::Kind::Send(Send {
-            client_msg_id: id.into(),
-            to: Some(Peer::user(to)),
-            body: body.to_vec(),
-            devices: devices.iter().map(|d| DeviceBody { device_id: *d, body: None }).collect(),
-        }))
-        .await
+        self.try_send_text_msg(to, id, body, devices).await.expect("send")
+    }
+
+    /// Like `send_text_msg`, but `None` if the socket is gone.
+    pub async fn try_send_text_msg(&mut self, to: u64, id: &str, body: &[u8], devices: &[u64]) -> Option<u64> {
+        let rid = self.next_id;
+        self.next_id += 1;
+        let frame = ClientFrame {
+            request_id: rid,
+            kind: Some(client_frame::Kind::Send(Send {
+                client_msg_id: id.into(),
+                to: Some(Peer::user(to)),
+                body: body.to_vec(),
+                devices: devices.iter().map(|d| DeviceBody { device_id: *d, body: None }).collect(),
+            })),
+        };
+        self.ws.send(WsMessage::Binary(frame.encode_to_vec().into())).await.ok()?;
+        Some(rid)
     }
 }
