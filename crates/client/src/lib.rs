@@ -1,1 +1,72 @@
+//! The tern client SDK: everything an app needs to be a tern device — accounts and sessions,
+//! one connection kept alive, local history, sending with retry, and a stream of events.
+//!
+//! # Architecture
+//!
+//! ```text
+//!            app (CLI, TUI, tests)
+//!                  │  Client (cheap clone handle; async methods)       EventStream (broadcast)
+//!   ┌──────────────┼─────────────────────────────┐                          ▲
+//!   │ client.rs    │ outbox.rs (send + retry)    │── Event::Sent ───────────┤
+//!   │ accounts,    │ directory.rs (device lists) │                          │
+//!   │ connect/close│                             │                          │
+//!   └──────┬───────┴──────────┬──────────────────┘                          │
+//!          │ http.rs (reqwest)│ Command{frame, reply} (bounded mpsc)        │
+//!          ▼                  ▼                                             │
+//!     HTTP /v1/...     connection task (connection/): socket, heartbeat, ───┤ Message, Receipt,
+//!                      reconnect with backoff+jitter; Status via watch      │ Connection, Synced
+//!                                     │ store batch, then Ack               │
+//!                                     ▼                                     │
+//!                      store/ (SQLite, WAL): session, history, outbox, ─────┘
+//!                      watermarks, mailbox cursor; UNIQUE(conversation, seq)
+//! ```
+//!
+//! - **Local store** (`store` module, `home/state.db`). The truth for the app:
+//!   the session (token and ids), every message (incoming, outgoing, sync copies from my other
+//!   devices), the peers' delivered/read watermarks and my read position per conversation,
+//!   the outbox (my messages without a `seq` yet) and the mailbox cursor. Ticks are not stored
+//!   per message but derived from the watermarks when read, so a receipt is one row update
+//!   however many messages it covers. Calls from async code go through `spawn_blocking`.
+//! - **Connection task** (`connection` module). One tokio task per [`Client::connect`]. It
+//!   loops: open the socket, `Hello`, `Welcome`, then drain the mailbox and stay live. Events
+//!   are stored in one transaction per batch, emitted, and only then acknowledged with a
+//!   cumulative `Ack` — a client that dies between the two gets them again and de-duplicates
+//!   them by (conversation, seq). It pings every `heartbeat_secs` and drops a connection that
+//!   is silent for two heartbeats. Lost connections are retried after a delay with full
+//!   jitter, from `reconnect_initial` doubling to `reconnect_max`; close code 4001 (token
+//!   refused, device removed) and 4004 (version) end the task with
+//!   [`ConnectionState::Closed`]. Requests reach the task through a bounded channel with a
+//!   oneshot for the answer; a connection lost before the answer drops the oneshot and the
+//!   caller retries on the next connection.
+//! - **Sending** (`outbox` module). [`Client::send_text`] writes the message to the outbox,
+//!   then retries with the same `client_msg_id` until `Sent` (idempotent on the server),
+//!   refreshing device lists on `device_mismatch`. After every `Welcome`, a watcher re-sends
+//!   whatever is left in the outbox, so a restarted client finishes what it started.
+//! - **Event fan-out** (`events` module). A bounded broadcast channel; any number of
+//!   [`EventStream`]s. A subscriber that lags gets [`Event::Lagged`] and can re-read the store.
+//!
+//! Bounded everywhere: the command queue (64), requests in flight per connection (256), the
+//! event channel (1024 per subscriber), event batches (512), frames read (1 MiB).
 
+mod backoff;
+mod client;
+mod config;
+mod connection;
+mod directory;
+mod error;
+mod events;
+mod http;
+mod outbox;
+mod store;
+mod types;
+
+pub use client::Client;
+pub use config::ClientConfig;
+pub use error::Error;
+pub use events::{EVENT_CAPACITY, EventStream};
+pub use tern_proto::ErrorCode;
+pub use tern_proto::http::{DeviceInfo, LastSeenResponse, PrivacySettings, Visibility};
+pub use types::{
+    CloseReason, ConnectionState, Event, ReceiptEvent, ReceiptKind, SentMessage, Session,
+    StoredMessage, Tick,
+};

@@ -1,0 +1,339 @@
+//! All output of the CLI, in one place: human text, or with `--json` one JSON object per line
+//! (every object has a `type`). Results go to stdout; in human mode, progress (connection
+//! state) and errors go to stderr so that stdout stays the data. Write errors (a closed pipe)
+//! are ignored rather than turned into panics.
+
+use std::io::Write;
+
+use serde_json::{Value, json};
+use tern_client::{
+    ConnectionState, DeviceInfo, Event, LastSeenResponse, ReceiptEvent, SentMessage, Session,
+    StoredMessage, Tick,
+};
+
+/// An error with a fixed code for scripts, raised by the CLI itself (not the SDK).
+#[derive(Debug)]
+pub struct CliError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+pub fn cli_error(code: &'static str, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(CliError {
+        code,
+        message: message.into(),
+    })
+}
+
+pub struct Printer {
+    json: bool,
+}
+
+impl Printer {
+    pub fn new(json: bool) -> Printer {
+        Printer { json }
+    }
+
+    fn line(&self, v: &Value) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}");
+    }
+
+    fn text(&self, s: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{s}");
+    }
+
+    fn note(&self, s: &str) {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{s}");
+    }
+
+    pub fn error(&self, e: &anyhow::Error) {
+        let code = error_code(e);
+        // The chain ("context: cause") in one line.
+        let message = format!("{e:#}");
+        if self.json {
+            self.line(&json!({"type": "error", "code": code, "message": message}));
+        } else {
+            self.note(&format!("error: {message}"));
+        }
+    }
+
+    pub fn session(&self, s: &Session) {
+        if self.json {
+            self.line(&json!({
+                "type": "session", "user_id": s.user_id, "username": s.username,
+                "device_id": s.device_id, "server": s.server,
+            }));
+        } else {
+            self.text(&format!(
+                "logged in as {} (user {}, device {}) on {}",
+                s.username, s.user_id, s.device_id, s.server
+            ));
+        }
+    }
+
+    pub fn logged_out(&self, username: &str) {
+        if self.json {
+            self.line(&json!({"type": "logged_out", "username": username}));
+        } else {
+            self.text(&format!("logged out {username}; this device is removed"));
+        }
+    }
+
+    pub fn message(&self, m: &StoredMessage) {
+        if self.json {
+            let mut v = json!({
+                "type": "message", "conversation": m.conversation, "seq": m.seq, "from": m.from,
+                "text": m.text, "sent_at": m.sent_at_ms, "outgoing": m.outgoing,
+                "client_msg_id": m.client_msg_id,
+            });
+            if let Some(status) = m.status {
+                v["status"] = json!(status.as_str());
+            }
+            self.line(&v);
+        } else {
+            let seq = m.seq.map_or_else(|| "-".to_owned(), |s| format!("#{s}"));
+            let when = m
+                .sent_at_ms
+                .map_or_else(|| "not yet sent".to_owned(), format_time);
+            let tick = m
+                .status
+                .map(|t| format!("  {}", tick_label(t)))
+                .unwrap_or_default();
+            self.text(&format!(
+                "[{} {seq} {when}] {}: {}{tick}",
+                m.conversation, m.from, m.text
+            ));
+        }
+    }
+
+    pub fn receipt(&self, r: &ReceiptEvent) {
+        if self.json {
+            self.line(&json!({
+                "type": "receipt", "conversation": r.conversation, "reader": r.reader,
+                "kind": r.kind.as_str(), "seq": r.up_to_seq, "sent_at": r.server_ts_ms,
+            }));
+        } else {
+            let tick = match r.kind {
+                tern_client::ReceiptKind::Delivered => tick_label(Tick::Delivered),
+                tern_client::ReceiptKind::Read => tick_label(Tick::Read),
+            };
+            self.text(&format!(
+                "[{}] {} up to #{} by {}: {tick}",
+                r.conversation,
+                r.kind.as_str(),
+                r.up_to_seq,
+                r.reader
+            ));
+        }
+    }
+
+    pub fn sent(&self, s: &SentMessage) {
+        if self.json {
+            self.line(&json!({
+                "type": "sent", "conversation": s.conversation, "seq": s.seq,
+                "client_msg_id": s.client_msg_id, "sent_at": s.server_ts_ms, "status": "sent",
+            }));
+        } else {
+            self.text(&format!(
+                "[{} #{} {}] {}",
+                s.conversation,
+                s.seq,
+                format_time(s.server_ts_ms),
+                tick_label(Tick::Sent)
+            ));
+        }
+    }
+
+    pub fn read(&self, conversation: &str, seq: Option<u64>) {
+        if self.json {
+            self.line(&json!({"type": "read", "conversation": conversation, "seq": seq}));
+        } else {
+            match seq {
+                Some(s) => self.text(&format!("[{conversation}] marked read up to #{s}")),
+                None => self.text(&format!("[{conversation}] nothing new to mark read")),
+            }
+        }
+    }
+
+    pub fn connection(&self, state: &ConnectionState) {
+        if self.json {
+            let mut v = serde_json::to_value(state).unwrap_or_else(|_| json!({}));
+            v["type"] = json!("connection");
+            self.line(&v);
+        } else {
+            let s = match state {
+                ConnectionState::Connecting => "connecting…".to_owned(),
+                ConnectionState::Connected => "connected".to_owned(),
+                ConnectionState::Disconnected { retry_in } => {
+                    format!("disconnected; retrying in {:.1}s", retry_in.as_secs_f64())
+                }
+                ConnectionState::Closed { reason } => format!("closed: {reason}"),
+            };
+            self.note(&format!("-- {s}"));
+        }
+    }
+
+    pub fn synced(&self, new_events: u64) {
+        if self.json {
+            self.line(&json!({"type": "synced", "new": new_events}));
+        } else {
+            self.note(&format!("-- synced ({new_events} new)"));
+        }
+    }
+
+    pub fn warning(&self, message: &str) {
+        if self.json {
+            self.line(&json!({"type": "warning", "message": message}));
+        } else {
+            self.note(&format!("warning: {message}"));
+        }
+    }
+
+    /// Prints an SDK event; returns whether it counts as a message or receipt.
+    pub fn event(&self, e: &Event) -> bool {
+        match e {
+            Event::Message(m) => self.message(m),
+            Event::Receipt(r) => self.receipt(r),
+            Event::Sent(s) => self.sent(s),
+            Event::Connection(c) => self.connection(c),
+            Event::Synced => self.synced(0),
+            Event::Lagged(n) => self.warning(&format!("missed {n} events; see `tern history`")),
+            Event::Error(m) => self.warning(m),
+        }
+        matches!(e, Event::Message(_) | Event::Receipt(_))
+    }
+
+    pub fn device(&self, d: &DeviceInfo) {
+        if self.json {
+            self.line(&json!({
+                "type": "device", "device_id": d.device_id, "name": d.name,
+                "created_at": d.created_at_ms, "last_seen": d.last_seen_ms, "current": d.current,
+            }));
+        } else {
+            let last = d
+                .last_seen_ms
+                .map_or_else(|| "never".to_owned(), format_time);
+            let current = if d.current { "  (this device)" } else { "" };
+            self.text(&format!(
+                "{:>6}  {:<20}  added {}  last seen {last}{current}",
+                d.device_id,
+                d.name,
+                format_time(d.created_at_ms)
+            ));
+        }
+    }
+
+    pub fn device_removed(&self, id: u64) {
+        if self.json {
+            self.line(&json!({"type": "device_removed", "device_id": id}));
+        } else {
+            self.text(&format!("device {id} removed"));
+        }
+    }
+
+    pub fn last_seen(&self, l: &LastSeenResponse) {
+        if self.json {
+            self.line(&json!({
+                "type": "last_seen", "username": l.username, "visible": l.visible,
+                "online": l.online, "last_seen": l.last_seen_ms,
+            }));
+        } else if !l.visible {
+            self.text(&format!("{}: last seen hidden", l.username));
+        } else if l.online {
+            self.text(&format!("{}: online", l.username));
+        } else {
+            let when = l
+                .last_seen_ms
+                .map_or_else(|| "never".to_owned(), format_time);
+            self.text(&format!("{}: last seen {when}", l.username));
+        }
+    }
+
+    pub fn privacy(&self, last_seen: &str) {
+        if self.json {
+            self.line(&json!({"type": "privacy", "last_seen": last_seen}));
+        } else {
+            self.text(&format!("last seen visible to: {last_seen}"));
+        }
+    }
+}
+
+/// The code a script sees in `{"type":"error","code":...}`.
+fn error_code(e: &anyhow::Error) -> &'static str {
+    if let Some(c) = e.downcast_ref::<CliError>() {
+        return c.code;
+    }
+    if let Some(c) = e.downcast_ref::<tern_client::Error>() {
+        return c.code_str();
+    }
+    "error"
+}
+
+fn tick_label(t: Tick) -> &'static str {
+    match t {
+        Tick::Pending => "🕓 pending",
+        Tick::Sent => "✓ sent",
+        Tick::Delivered => "✓✓ delivered",
+        Tick::Read => "✓✓ read",
+        Tick::Failed => "✗ failed",
+    }
+}
+
+/// `2026-11-28 17:20:01Z` from Unix milliseconds (UTC; no time-zone database needed).
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_format_in_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(format_time(1_795_886_401_000), "2026-11-28 17:20:01Z");
+    }
+
+    #[test]
+    fn error_codes_come_from_the_sdk_or_the_cli() {
+        let e = anyhow::Error::new(tern_client::Error::NotLoggedIn);
+        assert_eq!(error_code(&e), "not_logged_in");
+        assert_eq!(error_code(&cli_error("timeout", "slow")), "timeout");
+        assert_eq!(error_code(&anyhow::anyhow!("other")), "error");
+    }
+}

@@ -1,0 +1,106 @@
+//! The SDK's one error type. Server refusals keep their protocol [`ErrorCode`] so that apps can
+//! react to `rate_limited`, `conflict`, `unauthorized` … without parsing messages.
+
+use tern_proto::ErrorCode;
+
+use crate::types::CloseReason;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server refused the request (HTTP error body or socket `Error` frame).
+    #[error("{code}: {message}")]
+    Server {
+        code: ErrorCode,
+        message: String,
+        /// Seconds to wait before retrying, with `rate_limited`.
+        retry_after_secs: Option<u64>,
+    },
+    /// The call needs a session: `register` or `login` first.
+    #[error("not logged in")]
+    NotLoggedIn,
+    /// The call needs the connection: `connect` first.
+    #[error("not connected")]
+    NotConnected,
+    /// The connection task has ended for good (closed, logged out, unauthorized).
+    #[error("connection closed: {0}")]
+    Closed(CloseReason),
+    /// Bad input, caught before anything was sent.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// The server could not be reached or the transfer failed; retrying may help.
+    #[error("network error: {0}")]
+    Network(String),
+    /// The server answered something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The local state (SQLite or the profile directory) failed.
+    #[error("local store error: {0}")]
+    Store(String),
+}
+
+impl Error {
+    /// The protocol error code, when the server refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Server { code, .. } => Some(*code),
+            Error::Closed(CloseReason::Unauthorized) => Some(ErrorCode::Unauthorized),
+            Error::Closed(CloseReason::UnsupportedVersion) => Some(ErrorCode::UnsupportedVersion),
+            _ => None,
+        }
+    }
+
+    /// A stable snake_case name for scripts: the protocol code for server refusals, else the
+    /// kind of local failure.
+    pub fn code_str(&self) -> &'static str {
+        if let Some(code) = self.code() {
+            return code.as_str();
+        }
+        match self {
+            Error::NotLoggedIn => "not_logged_in",
+            Error::NotConnected => "not_connected",
+            Error::Closed(_) => "closed",
+            Error::Invalid(_) => "invalid_input",
+            Error::Network(_) => "network",
+            Error::Protocol(_) => "protocol",
+            Error::Store(_) => "store",
+            Error::Server { code, .. } => code.as_str(),
+        }
+    }
+
+    pub(crate) fn server(code: ErrorCode, message: impl Into<String>) -> Error {
+        Error::Server {
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Network(_) | Error::NotConnected => true,
+            Error::Server { code, .. } => matches!(
+                code,
+                ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::RateLimited
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Store(e.to_string())
+    }
+}
+
+impl From<reqwest::Error> for Error {
+    fn from(e: reqwest::Error) -> Self {
+        if e.is_decode() {
+            Error::Protocol(e.to_string())
+        } else {
+            Error::Network(e.to_string())
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The HTTP half of the protocol (accounts, sessions, devices, users, settings): thin typed
+//! calls over `reqwest`, with the server's `{"error": {...}}` bodies mapped to
+//! [`Error::Server`] so callers see the protocol's [`ErrorCode`].
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tern_proto::ErrorCode;
+use tern_proto::http::{
+    DeviceInfo, DevicesResponse, ErrorBody, LastSeenResponse, LoginRequest, LoginResponse,
+    PrivacySettings, RegisterRequest, RegisterResponse, UserDevicesResponse,
+};
+
+use crate::error::Error;
+
+/// Longest error body we read; the server's are tiny, a proxy's HTML page may not be.
+const MAX_ERROR_BODY: usize = 4096;
+
+#[derive(Clone)]
+pub(crate) struct Http {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Http {
+    pub fn new(base: &str, timeout: Duration) -> Result<Http, Error> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| Error::Network(format!("cannot build HTTP client: {e}")))?;
+        Ok(Http {
+            client,
+            base: base.to_owned(),
+        })
+    }
+
+    fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+        let rb = self.client.request(method, format!("{}{path}", self.base));
+        match token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<RegisterResponse, Error> {
+        let body = RegisterRequest {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        };
+        json(self.request(Method::POST, "/v1/accounts", None).json(&body)).await
+    }
+
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        device_name: &str,
+    ) -> Result<LoginResponse, Error> {
+        let body = LoginRequest {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            device_name: device_name.to_owned(),
+        };
+        json(self.request(Method::POST, "/v1/sessions", None).json(&body)).await
+    }
+
+    pub async fn logout(&self, token: &str) -> Result<(), Error> {
+        empty(self.request(Method::DELETE, "/v1/sessions/current", Some(token))).await
+    }
+
+    pub async fn devices(&self, token: &str) -> Result<Vec<DeviceInfo>, Error> {
+        let r: DevicesResponse =
+            json(self.request(Method::GET, "/v1/devices", Some(token))).await?;
+        Ok(r.devices)
+    }
+
+    pub async fn remove_device(&self, token: &str, device_id: u64) -> Result<(), Error> {
+        let path = format!("/v1/devices/{device_id}");
+        empty(self.request(Method::DELETE, &path, Some(token))).await
+    }
+
+    /// `username` must already be validated (it goes into the path).
+    pub async fn user_devices(
+        &self,
+        token: &str,
+        username: &str,
+    ) -> Result<UserDevicesResponse, Error> {
+        let path = format!("/v1/users/{username}/devices");
+        json(self.request(Method::GET, &path, Some(token))).await
+    }
+
+    /// `username` must already be validated (it goes into the path).
+    pub async fn last_seen(&self, token: &str, username: &str) -> Result<LastSeenResponse, Error> {
+        let path = format!("/v1/users/{username}/last-seen");
+        json(self.request(Method::GET, &path, Some(token))).await
+    }
+
+    pub async fn privacy(&self, token: &str) -> Result<PrivacySettings, Error> {
+        json(self.request(Method::GET, "/v1/settings/privacy", Some(token))).await
+    }
+
+    pub async fn set_privacy(
+        &self,
+        token: &str,
+        settings: &PrivacySettings,
+    ) -> Result<PrivacySettings, Error> {
+        json(send_json(
+            self.request(Method::PUT, "/v1/settings/privacy", Some(token)),
+            settings,
+        ))
+        .await
+    }
+}
+
+fn send_json<T: Serialize>(rb: RequestBuilder, body: &T) -> RequestBuilder {
+    rb.json(body)
+}
+
+async fn json<T: DeserializeOwned>(rb: RequestBuilder) -> Result<T, Error> {
+    let resp = checked(rb.send().await?).await?;
+    Ok(resp.json::<T>().await?)
+}
+
+async fn empty(rb: RequestBuilder) -> Result<(), Error> {
+    checked(rb.send().await?).await?;
+    Ok(())
+}
+
+/// Passes a success through; turns an error status into [`Error::Server`].
+async fn checked(resp: Response) -> Result<Response, Error> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let bytes = resp.bytes().await.unwrap_or_default();
+    let bytes = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
+    Err(error_from(status, bytes))
+}
+
+fn error_from(status: StatusCode, body: &[u8]) -> Error {
+    if let Ok(b) = serde_json::from_slice::<ErrorBody>(body) {
+        return Error::Server {
+            code: b.error.code,
+            message: b.error.message,
+            retry_after_secs: b.error.retry_after_secs,
+        };
+    }
+    // Not the server's error shape (a proxy, an old server): keep the status' meaning.
+    let code = match status.as_u16() {
+        400 => ErrorCode::BadRequest,
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::Forbidden,
+        404 => ErrorCode::NotFound,
+        409 => ErrorCode::Conflict,
+        413 => ErrorCode::TooLarge,
+        429 => ErrorCode::RateLimited,
+        502..=504 => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    Error::server(code, format!("HTTP {status}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_map_to_codes() {
+        let body =
+            br#"{"error":{"code":"rate_limited","message":"slow down","retry_after_secs":30}}"#;
+        match error_from(StatusCode::TOO_MANY_REQUESTS, body) {
+            Error::Server {
+                code,
+                message,
+                retry_after_secs,
+            } => {
+                assert_eq!(code, ErrorCode::RateLimited);
+                assert_eq!(message, "slow down");
+                assert_eq!(retry_after_secs, Some(30));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let e = error_from(StatusCode::NOT_FOUND, b"<html>nope</html>");
+        assert_eq!(e.code(), Some(ErrorCode::NotFound));
+        let e = error_from(StatusCode::BAD_GATEWAY, b"");
+        assert_eq!(e.code(), Some(ErrorCode::Unavailable));
+    }
+}

@@ -1,0 +1,330 @@
+//! Sending with retry, and read markers.
+//!
+//! `send_text` first writes the message to the local outbox (it is in the history as
+//! `pending` from then on), then delivers it: address the right devices, send, and retry with
+//! the *same* `client_msg_id` until the server answers `Sent` — across lost connections,
+//! `device_mismatch` (refresh the device lists), and transient refusals (`internal`,
+//! `unavailable`, `rate_limited`, with backoff). The server makes retries idempotent, so a
+//! message is stored once however often it is sent. Whatever is still in the outbox when a
+//! connection comes up (after a crash, a `close`, a timed-out caller) is delivered again by
+//! the outbox watcher started in `connect`.
+
+use tern_proto::ErrorCode;
+use tern_proto::frames::{self, Peer, client_frame};
+use tokio::sync::oneshot;
+
+use crate::backoff::Backoff;
+use crate::client::{Client, lock, normalize_username};
+use crate::connection::{Answer, Command};
+use crate::directory::{self, addressed};
+use crate::error::Error;
+use crate::store::{OutboxItem, SavedSession};
+use crate::types::{CloseReason, ConnectionState, Event, SentMessage};
+
+/// `device_mismatch` answers in a row before retries start to back off (a device being added
+/// while we look would otherwise make us spin).
+const MISMATCH_FREE_RETRIES: u32 = 3;
+
+/// Removes a client_msg_id from the in-flight set when its delivery attempt ends.
+struct InFlight<'a> {
+    client: &'a Client,
+    id: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn claim(client: &'a Client, id: &str) -> Option<InFlight<'a>> {
+        lock(&client.inner.in_flight)
+            .insert(id.to_owned())
+            .then(|| InFlight {
+                client,
+                id: id.to_owned(),
+            })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(&self.client.inner.in_flight).remove(&self.id);
+    }
+}
+
+impl Client {
+    /// Sends a text message: stores it in the outbox, then retries until the server answers
+    /// `Sent` (one tick). Needs a running connection task (`connect`); if the task stops before
+    /// the message is sent, it stays in the outbox and goes out on the next `connect`.
+    pub async fn send_text(&self, to_username: &str, text: &str) -> Result<SentMessage, Error> {
+        let session = self.saved_session()?;
+        let to = normalize_username(to_username)?;
+        if text.is_empty() {
+            return Err(Error::Invalid("empty message".into()));
+        }
+        let max = self.inner.status.borrow().max_body_bytes;
+        if text.len() > max {
+            return Err(Error::Invalid(format!(
+                "message is {} bytes; the limit is {max}",
+                text.len()
+            )));
+        }
+        // Without a running connection task nothing would deliver it: refuse before storing.
+        if let ConnectionState::Closed { reason } = self.connection_state() {
+            return Err(match reason {
+                CloseReason::NotStarted => Error::NotConnected,
+                other => Error::Closed(other),
+            });
+        }
+        let peer_user = self.resolve_peer(&session, &to).await?;
+        let item = OutboxItem {
+            peer_user,
+            peer_username: to,
+            client_msg_id: new_client_msg_id(),
+            body: text.as_bytes().to_vec(),
+        };
+        let (me, it) = (session.clone(), item.clone());
+        self.inner
+            .store
+            .run(move |s| s.enqueue(&me, &it, crate::connection::now_ms()))
+            .await?;
+        let _guard = InFlight::claim(self, &item.client_msg_id);
+        self.deliver(&session, &item).await
+    }
+
+    /// Delivers every message left in this device's outbox, oldest first.
+    pub(crate) async fn flush_outbox(&self) -> Result<(), Error> {
+        let session = self.saved_session()?;
+        let device = session.device_id;
+        let items = self.inner.store.run(move |s| s.outbox(device)).await?;
+        for item in items {
+            let Some(_guard) = InFlight::claim(self, &item.client_msg_id) else {
+                continue; // a send_text call is on it
+            };
+            match self.deliver(&session, &item).await {
+                Ok(_) => {}
+                Err(Error::Closed(r)) => return Err(Error::Closed(r)),
+                // Refused for good: marked failed by deliver; go on with the others.
+                Err(e) => tracing::warn!(error = %e, "outbox message refused"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The retry loop of one message.
+    async fn deliver(
+        &self,
+        session: &SavedSession,
+        item: &OutboxItem,
+    ) -> Result<SentMessage, Error> {
+        let mut backoff = Backoff::new(
+            self.inner.config.reconnect_initial,
+            self.inner.config.reconnect_max,
+        );
+        let mut mismatches = 0u32;
+        loop {
+            self.wait_connected().await?;
+            let devices = match self.addressed_devices(session, item).await {
+                Ok(d) => d,
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(error = %e, "device lists unavailable; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                Err(e) => return Err(self.fail(session, item, e).await),
+            };
+            let send = frames::Send {
+                client_msg_id: item.client_msg_id.clone(),
+                to: Some(Peer::user(item.peer_user)),
+                body: item.body.clone(),
+                devices: devices
+                    .into_iter()
+                    .map(|device_id| frames::DeviceBody {
+                        device_id,
+                        body: None,
+                    })
+                    .collect(),
+            };
+            match self.request(client_frame::Kind::Send(send)).await {
+                Ok(Answer::Sent(s)) => return self.record_sent(session, item, s).await,
+                Ok(Answer::Error(e)) => {
+                    let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
+                    if code == ErrorCode::DeviceMismatch {
+                        tracing::debug!(missing = ?e.missing_devices, extra = ?e.extra_devices, "device mismatch");
+                        lock(&self.inner.directory).invalidate(item.peer_user);
+                        mismatches += 1;
+                        if mismatches > MISMATCH_FREE_RETRIES {
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                        continue;
+                    }
+                    let err = Error::server(code, e.message);
+                    if err.is_transient() {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                    return Err(self.fail(session, item, err).await);
+                }
+                Ok(Answer::Done) => {
+                    tracing::warn!("server answered Send with Done; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                // Connection lost before the answer: wait for the next one and resend.
+                Err(_) => {}
+            }
+        }
+    }
+
+    async fn record_sent(
+        &self,
+        session: &SavedSession,
+        item: &OutboxItem,
+        s: frames::Sent,
+    ) -> Result<SentMessage, Error> {
+        let sent = SentMessage {
+            conversation: item.peer_username.clone(),
+            client_msg_id: item.client_msg_id.clone(),
+            seq: s.seq,
+            server_ts_ms: s.server_ts_ms,
+        };
+        let (device, peer, to_store) = (session.device_id, item.peer_user, sent.clone());
+        self.inner
+            .store
+            .run(move |st| st.mark_sent(device, &to_store, peer))
+            .await?;
+        let _ = self.inner.events.send(Event::Sent(sent.clone()));
+        Ok(sent)
+    }
+
+    /// Marks the message failed (it leaves the outbox) and returns the error.
+    async fn fail(&self, session: &SavedSession, item: &OutboxItem, err: Error) -> Error {
+        let (device, id, reason) = (
+            session.device_id,
+            item.client_msg_id.clone(),
+            err.to_string(),
+        );
+        if let Err(e) = self
+            .inner
+            .store
+            .run(move |s| s.mark_failed(device, &id, &reason))
+            .await
+        {
+            tracing::error!(error = %e, "cannot mark message failed");
+        }
+        err
+    }
+
+    /// The devices to address for `item`, from the cache or fetched.
+    async fn addressed_devices(
+        &self,
+        session: &SavedSession,
+        item: &OutboxItem,
+    ) -> Result<Vec<u64>, Error> {
+        let cached = lock(&self.inner.directory).cached(item.peer_user);
+        let (recipient, own) = match cached {
+            Some(lists) => lists,
+            None => {
+                let (user_id, recipient, own) =
+                    directory::fetch(&self.inner.http, &session.token, &item.peer_username).await?;
+                if user_id != item.peer_user {
+                    return Err(Error::server(
+                        ErrorCode::NotFound,
+                        format!("{} is another user now", item.peer_username),
+                    ));
+                }
+                let mut d = lock(&self.inner.directory);
+                d.put_user(user_id, recipient.clone());
+                d.put_own(own.clone());
+                (recipient, own)
+            }
+        };
+        Ok(addressed(&recipient, &own, session.device_id))
+    }
+
+    /// The user id of `username`: from the local store, else from the server (which also
+    /// fills the device cache).
+    async fn resolve_peer(&self, session: &SavedSession, username: &str) -> Result<u64, Error> {
+        let name = username.to_owned();
+        if let Some(id) = self.inner.store.run(move |s| s.peer_id(&name)).await? {
+            return Ok(id);
+        }
+        let r = self
+            .inner
+            .http
+            .user_devices(&session.token, username)
+            .await?;
+        lock(&self.inner.directory).put_user(r.user_id, r.devices);
+        let (id, name) = (r.user_id, r.username);
+        self.inner
+            .store
+            .run(move |s| s.remember_peer(id, &name))
+            .await?;
+        Ok(id)
+    }
+
+    /// Sends one request on the current connection and waits for its answer.
+    /// `Err(NotConnected)` means the connection went away first: wait and retry.
+    async fn request(&self, kind: client_frame::Kind) -> Result<Answer, Error> {
+        let commands = {
+            let conn = self.inner.conn.lock().await;
+            conn.as_ref()
+                .map(|h| h.commands.clone())
+                .ok_or(Error::NotConnected)?
+        };
+        let (reply, answer) = oneshot::channel();
+        commands
+            .send(Command { kind, reply })
+            .await
+            .map_err(|_| Error::NotConnected)?;
+        answer.await.map_err(|_| Error::NotConnected)
+    }
+
+    /// Tells the server (and so the peer and my other devices) that I have read the
+    /// conversation with `username` up to its latest received message. Returns the seq marked,
+    /// or `None` if there was nothing new to mark.
+    pub async fn mark_read(&self, username: &str) -> Result<Option<u64>, Error> {
+        let session = self.saved_session()?;
+        let name = normalize_username(username)?;
+        let peer_user = self.resolve_peer(&session, &name).await?;
+        let (latest, read) = self
+            .inner
+            .store
+            .run(move |s| s.read_position(peer_user))
+            .await?;
+        let Some(up_to) = latest.filter(|l| *l > read) else {
+            return Ok(None);
+        };
+        let mut backoff = Backoff::new(
+            self.inner.config.reconnect_initial,
+            self.inner.config.reconnect_max,
+        );
+        loop {
+            self.wait_connected().await?;
+            let read = frames::Read {
+                conversation: Some(Peer::user(peer_user)),
+                up_to_seq: up_to,
+            };
+            match self.request(client_frame::Kind::Read(read)).await {
+                Ok(Answer::Done) => break,
+                Ok(Answer::Error(e)) => {
+                    let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
+                    let err = Error::server(code, e.message);
+                    if !err.is_transient() {
+                        return Err(err);
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Ok(Answer::Sent(_)) => {
+                    return Err(Error::Protocol("Read answered with Sent".into()));
+                }
+                Err(_) => {}
+            }
+        }
+        self.inner
+            .store
+            .run(move |s| s.set_my_read(peer_user, up_to))
+            .await?;
+        Ok(Some(up_to))
+    }
+}
+
+/// 16 random bytes, hex: unique per device without coordination.
+fn new_client_msg_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
