@@ -15,6 +15,9 @@ use std::time::Duration;
 use common::*;
 use tern_proto::frames::*;
 
+/// Per sender user: the (seq, client_msg_id) of every `Sent` it received.
+type Acked = HashMap<u64, Vec<(u64, String)>>;
+
 struct Ternd {
     child: Child,
     addr: SocketAddr,
@@ -44,8 +47,13 @@ fn spawn_ternd(data_dir: &std::path::Path) -> Ternd {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("ternd logs its address");
-    let addr = addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':').parse().expect("address");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("ternd logs its address");
+    let addr = addr
+        .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+        .parse()
+        .expect("address");
     Ternd { child, addr }
 }
 
@@ -57,7 +65,10 @@ impl Drop for Ternd {
 }
 
 fn http_for(addr: SocketAddr) -> Http {
-    Http { base: format!("http://{addr}"), client: reqwest::Client::new() }
+    Http {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +84,7 @@ async fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {
     }
 
     // Each sender pipelines a few sends at a time and records every Sent it receives.
-    let acked: Arc<Mutex<HashMap<u64, Vec<(u64, String)>>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut tasks = Vec::new();
     for (uid, _dev, token) in tokens.clone() {
         let acked = acked.clone();
@@ -86,20 +97,35 @@ async fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {
                 for _ in 0..4 {
                     n += 1;
                     let id = format!("u{uid}-{n}");
-                    let Some(rid) = raw.try_send_text_msg(bob, &id, id.as_bytes(), &[bob_dev]).await else {
+                    let Some(rid) = raw
+                        .try_send_text_msg(bob, &id, id.as_bytes(), &[bob_dev])
+                        .await
+                    else {
                         return; // the server is gone
                     };
                     pending.insert(rid, id);
                 }
                 while !pending.is_empty() {
-                    let next = tokio::time::timeout(Duration::from_secs(5), futures_util::StreamExt::next(&mut raw.ws)).await;
-                    let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b)))) = next else {
+                    let next = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        futures_util::StreamExt::next(&mut raw.ws),
+                    )
+                    .await;
+                    let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b)))) = next
+                    else {
                         return; // the server is gone
                     };
                     let f: ServerFrame = prost::Message::decode(&b[..]).expect("frame");
-                    if let (Some(id), Some(server_frame::Kind::Sent(s))) = (pending.remove(&f.request_id), f.kind) {
+                    if let (Some(id), Some(server_frame::Kind::Sent(s))) =
+                        (pending.remove(&f.request_id), f.kind)
+                    {
                         assert_eq!(s.client_msg_id, id);
-                        acked.lock().expect("lock").entry(uid).or_default().push((s.seq, id));
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .entry(uid)
+                            .or_default()
+                            .push((s.seq, id));
                     }
                 }
             }
@@ -116,7 +142,10 @@ async fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {
     server.child.kill().expect("SIGKILL");
     server.child.wait().expect("reaped");
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(20), t).await.expect("sender ends").expect("sender ok");
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("sender ends")
+            .expect("sender ok");
     }
     let acked = acked.lock().expect("lock").clone();
     let total: usize = acked.values().map(Vec::len).sum();
@@ -131,26 +160,49 @@ async fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {
         assert!(e.mailbox_seq > last_mseq, "mailbox order");
         last_mseq = e.mailbox_seq;
         if let Some(event::Kind::Message(m)) = &e.kind {
-            let Some(peer::Kind::User(from)) = m.conversation.as_ref().and_then(|p| p.kind) else { panic!("peer") };
+            let Some(peer::Kind::User(from)) = m.conversation.as_ref().and_then(|p| p.kind) else {
+                panic!("peer")
+            };
             assert_eq!(from, m.sender_user);
-            by_conv.entry(from).or_default().push((m.seq, m.client_msg_id.clone()));
+            by_conv
+                .entry(from)
+                .or_default()
+                .push((m.seq, m.client_msg_id.clone()));
         }
     }
     for (uid, sent) in &acked {
         let got = by_conv.get(uid).cloned().unwrap_or_default();
         let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, (1..=got.len() as u64).collect::<Vec<_>>(), "sender {uid}: consecutive, in order, once");
+        assert_eq!(
+            seqs,
+            (1..=got.len() as u64).collect::<Vec<_>>(),
+            "sender {uid}: consecutive, in order, once"
+        );
         let delivered: HashMap<u64, &String> = got.iter().map(|(s, id)| (*s, id)).collect();
         for (seq, id) in sent {
-            assert_eq!(delivered.get(seq), Some(&id), "sender {uid}: acknowledged {id} (seq {seq}) was lost");
+            assert_eq!(
+                delivered.get(seq),
+                Some(&id),
+                "sender {uid}: acknowledged {id} (seq {seq}) was lost"
+            );
         }
     }
     // After Bob acknowledges, nothing is delivered again.
-    let rid = raw.request(client_frame::Kind::Ack(Ack { up_to: last_mseq })).await;
-    assert!(matches!(raw.answer(rid, &mut Vec::new()).await, server_frame::Kind::Done(_)));
+    let rid = raw
+        .request(client_frame::Kind::Ack(Ack { up_to: last_mseq }))
+        .await;
+    assert!(matches!(
+        raw.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Done(_)
+    ));
     drop(raw);
     let (_, _, again) = Raw::connect(server.addr, &bob_token).await;
-    assert!(again.iter().all(|e| matches!(e.kind, Some(event::Kind::Receipt(_)))), "no message twice");
+    assert!(
+        again
+            .iter()
+            .all(|e| matches!(e.kind, Some(event::Kind::Receipt(_)))),
+        "no message twice"
+    );
 }
 
 #[tokio::test]
@@ -159,9 +211,14 @@ async fn sigterm_closes_sockets_with_going_away_and_exits_cleanly() {
     let mut server = spawn_ternd(dir.path());
     let (_, _, token) = http_for(server.addr).account("alice").await;
     let (mut raw, _, _) = Raw::connect(server.addr, &token).await;
-    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     assert_eq!(raw.closed().await, Some(1001));
-    let exit = tokio::task::spawn_blocking(move || server.child.wait().expect("wait")).await.expect("join");
+    let exit = tokio::task::spawn_blocking(move || server.child.wait().expect("wait"))
+        .await
+        .expect("join");
     assert!(exit.success(), "ternd exits 0 after SIGTERM: {exit:?}");
 }

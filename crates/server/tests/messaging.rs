@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use tern_client::{Client, ClientConfig, ConnectionState, ErrorCode, Event, ReceiptKind, Tick, Visibility};
+use tern_client::{
+    Client, ClientConfig, ConnectionState, ErrorCode, Event, ReceiptKind, Tick, Visibility,
+};
 
 const PASSWORD: &str = "correct horse";
 const WAIT: Duration = Duration::from_secs(15);
@@ -22,7 +24,10 @@ fn open(srv: &TestServer) -> Device {
     let mut config = ClientConfig::new(srv.url(), home.path());
     config.reconnect_initial = Duration::from_millis(50);
     config.reconnect_max = Duration::from_millis(500);
-    Device { client: Client::open(config).expect("open"), _home: home }
+    Device {
+        client: Client::open(config).expect("open"),
+        _home: home,
+    }
 }
 
 async fn register(srv: &TestServer, name: &str) -> Device {
@@ -39,11 +44,17 @@ async fn login(srv: &TestServer, name: &str) -> Device {
 
 async fn online(d: &Device) {
     d.client.connect().await.expect("connect");
-    tokio::time::timeout(WAIT, d.client.wait_synced()).await.expect("synced in time").expect("synced");
+    tokio::time::timeout(WAIT, d.client.wait_synced())
+        .await
+        .expect("synced in time")
+        .expect("synced");
 }
 
 /// Waits for the first event `f` accepts.
-async fn until<T>(events: &mut tern_client::EventStream, mut f: impl FnMut(&Event) -> Option<T>) -> T {
+async fn until<T>(
+    events: &mut tern_client::EventStream,
+    mut f: impl FnMut(&Event) -> Option<T>,
+) -> T {
     tokio::time::timeout(WAIT, async {
         loop {
             let e = events.next().await.expect("event stream open");
@@ -89,22 +100,53 @@ async fn offline_delivery_in_order_with_ticks() {
         let sent = alice.client.send_text("bob", text).await.expect("send");
         assert_eq!(sent.seq, i as u64 + 1);
     }
-    let status: Vec<Tick> = alice.client.sent_status(10).expect("status").iter().filter_map(|m| m.status).collect();
+    let status: Vec<Tick> = alice
+        .client
+        .sent_status(10)
+        .expect("status")
+        .iter()
+        .filter_map(|m| m.status)
+        .collect();
     assert_eq!(status, vec![Tick::Sent; 3], "one tick while bob is offline");
 
     let mut b_events = bob.client.events();
     online(&bob).await;
     let got = messages(&mut b_events, 3).await;
-    assert_eq!(got, vec![("one".into(), 1, false), ("two".into(), 2, false), ("three".into(), 3, false)]);
+    assert_eq!(
+        got,
+        vec![
+            ("one".into(), 1, false),
+            ("two".into(), 2, false),
+            ("three".into(), 3, false)
+        ]
+    );
     watermark(&mut a_events, ReceiptKind::Delivered, 3).await;
-    let status: Vec<Tick> = alice.client.sent_status(10).expect("status").iter().filter_map(|m| m.status).collect();
+    let status: Vec<Tick> = alice
+        .client
+        .sent_status(10)
+        .expect("status")
+        .iter()
+        .filter_map(|m| m.status)
+        .collect();
     assert_eq!(status, vec![Tick::Delivered; 3], "two ticks");
 
     assert_eq!(bob.client.mark_read("alice").await.expect("read"), Some(3));
     watermark(&mut a_events, ReceiptKind::Read, 3).await;
-    let status: Vec<Tick> = alice.client.sent_status(10).expect("status").iter().filter_map(|m| m.status).collect();
+    let status: Vec<Tick> = alice
+        .client
+        .sent_status(10)
+        .expect("status")
+        .iter()
+        .filter_map(|m| m.status)
+        .collect();
     assert_eq!(status, vec![Tick::Read; 3], "blue ticks");
-    let history: Vec<String> = bob.client.history("alice", 10).expect("history").into_iter().map(|m| m.text).collect();
+    let history: Vec<String> = bob
+        .client
+        .history("alice", 10)
+        .expect("history")
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
     assert_eq!(history, vec!["one", "two", "three"]);
 }
 
@@ -120,14 +162,21 @@ async fn multi_device_fan_out_and_sync_copies() {
         streams.push(d.client.events());
         online(d).await;
     }
-    alice1.client.send_text("bob", "hello both").await.expect("send");
+    alice1
+        .client
+        .send_text("bob", "hello both")
+        .await
+        .expect("send");
     for (i, stream) in streams.iter_mut().enumerate().skip(1) {
         let got = messages(stream, 1).await;
         let outgoing = i == 1; // alice's second device gets her own message as a sync copy
         assert_eq!(got, vec![("hello both".into(), 1, outgoing)], "device {i}");
     }
     // Bob answers from his second device; everyone else sees it.
-    bob2.client.send_text("alice", "hi from bob2").await.expect("send");
+    bob2.client
+        .send_text("alice", "hi from bob2")
+        .await
+        .expect("send");
     for (i, stream) in streams.iter_mut().enumerate() {
         if i == 3 {
             continue;
@@ -143,7 +192,11 @@ async fn receipts_reach_an_offline_sender_later() {
     let alice = register(&srv, "alice").await;
     let bob = register(&srv, "bob").await;
     online(&alice).await;
-    alice.client.send_text("bob", "are you there?").await.expect("send");
+    alice
+        .client
+        .send_text("bob", "are you there?")
+        .await
+        .expect("send");
     alice.client.close().await;
 
     let mut b_events = bob.client.events();
@@ -169,10 +222,17 @@ async fn concurrent_senders_share_one_order_everywhere() {
     }
     const EACH: usize = 15;
     let mut tasks = Vec::new();
-    for (who, client, to) in [("a1", alice1.client.clone(), "bob"), ("a2", alice2.client.clone(), "bob"), ("b", bob.client.clone(), "alice")] {
+    for (who, client, to) in [
+        ("a1", alice1.client.clone(), "bob"),
+        ("a2", alice2.client.clone(), "bob"),
+        ("b", bob.client.clone(), "alice"),
+    ] {
         tasks.push(tokio::spawn(async move {
             for i in 0..EACH {
-                client.send_text(to, &format!("{who}-{i}")).await.expect("send");
+                client
+                    .send_text(to, &format!("{who}-{i}"))
+                    .await
+                    .expect("send");
             }
         }));
     }
@@ -195,14 +255,25 @@ async fn concurrent_senders_share_one_order_everywhere() {
         .expect("every device has every message");
         let seqs: Vec<u64> = view.iter().filter_map(|m| m.seq).collect();
         assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
-        views.push(view.into_iter().map(|m| (m.seq, m.text)).collect::<Vec<_>>());
+        views.push(
+            view.into_iter()
+                .map(|m| (m.seq, m.text))
+                .collect::<Vec<_>>(),
+        );
     }
     assert_eq!(views[0], views[1]);
     assert_eq!(views[0], views[2]);
     // Each sender's own messages are in the order it sent them.
     for who in ["a1", "a2", "b"] {
-        let mine: Vec<String> = views[0].iter().filter(|(_, t)| t.starts_with(&format!("{who}-"))).map(|(_, t)| t.clone()).collect();
-        assert_eq!(mine, (0..EACH).map(|i| format!("{who}-{i}")).collect::<Vec<_>>());
+        let mine: Vec<String> = views[0]
+            .iter()
+            .filter(|(_, t)| t.starts_with(&format!("{who}-")))
+            .map(|(_, t)| t.clone())
+            .collect();
+        assert_eq!(
+            mine,
+            (0..EACH).map(|i| format!("{who}-{i}")).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -212,7 +283,11 @@ async fn a_restarted_client_keeps_its_state() {
     let alice = register(&srv, "alice").await;
     let bob = register(&srv, "bob").await;
     online(&alice).await;
-    alice.client.send_text("bob", "before restart").await.expect("send");
+    alice
+        .client
+        .send_text("bob", "before restart")
+        .await
+        .expect("send");
     alice.client.close().await;
     let home = alice._home;
     let mut config = ClientConfig::new(srv.url(), home.path());
@@ -221,7 +296,10 @@ async fn a_restarted_client_keeps_its_state() {
     let session = again.session().expect("session restored");
     assert_eq!(session.username, "alice");
     let h = again.history("bob", 10).expect("history");
-    assert_eq!((h.len(), h[0].text.as_str(), h[0].status), (1, "before restart", Some(Tick::Sent)));
+    assert_eq!(
+        (h.len(), h[0].text.as_str(), h[0].status),
+        (1, "before restart", Some(Tick::Sent))
+    );
     // Bob reads; the restarted client learns it.
     let mut b_events = bob.client.events();
     online(&bob).await;
@@ -230,7 +308,10 @@ async fn a_restarted_client_keeps_its_state() {
     let mut a_events = again.events();
     again.connect().await.expect("connect");
     watermark(&mut a_events, ReceiptKind::Read, 1).await;
-    assert_eq!(again.sent_status(1).expect("status")[0].status, Some(Tick::Read));
+    assert_eq!(
+        again.sent_status(1).expect("status")[0].status,
+        Some(Tick::Read)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,11 +320,23 @@ async fn errors_reach_the_app_typed() {
     let alice = register(&srv, "alice").await;
     let alice2 = login(&srv, "alice").await;
     online(&alice).await;
-    let err = alice.client.send_text("nobody", "hello").await.expect_err("unknown recipient");
+    let err = alice
+        .client
+        .send_text("nobody", "hello")
+        .await
+        .expect_err("unknown recipient");
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
-    let err = open(&srv).client.login("alice", "wrong horse").await.expect_err("wrong password");
+    let err = open(&srv)
+        .client
+        .login("alice", "wrong horse")
+        .await
+        .expect_err("wrong password");
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
-    let err = open(&srv).client.register("alice", PASSWORD).await.expect_err("taken");
+    let err = open(&srv)
+        .client
+        .register("alice", PASSWORD)
+        .await
+        .expect_err("taken");
     assert_eq!(err.code(), Some(ErrorCode::Conflict));
 
     // Removing a device closes its connection for good.
@@ -268,23 +361,62 @@ async fn last_seen_follows_reciprocal_privacy() {
     let carol = register(&srv, "carol").await;
     online(&alice).await;
     online(&bob).await;
-    alice.client.send_text("bob", "we are contacts now").await.expect("send");
+    alice
+        .client
+        .send_text("bob", "we are contacts now")
+        .await
+        .expect("send");
 
     let seen = bob.client.last_seen("alice").await.expect("last seen");
     assert!(seen.visible && seen.online, "{seen:?}");
     alice.client.close().await;
     // The last seen is written in batches; the answer is current either way.
     let seen = bob.client.last_seen("alice").await.expect("last seen");
-    assert!(seen.visible && !seen.online && seen.last_seen_ms.is_some(), "{seen:?}");
+    assert!(
+        seen.visible && !seen.online && seen.last_seen_ms.is_some(),
+        "{seen:?}"
+    );
 
-    alice.client.set_last_seen_privacy(Visibility::Contacts).await.expect("privacy");
-    assert!(bob.client.last_seen("alice").await.expect("bob").visible, "bob is a contact");
-    assert!(!carol.client.last_seen("alice").await.expect("carol").visible, "carol is not");
+    alice
+        .client
+        .set_last_seen_privacy(Visibility::Contacts)
+        .await
+        .expect("privacy");
+    assert!(
+        bob.client.last_seen("alice").await.expect("bob").visible,
+        "bob is a contact"
+    );
+    assert!(
+        !carol
+            .client
+            .last_seen("alice")
+            .await
+            .expect("carol")
+            .visible,
+        "carol is not"
+    );
     // Reciprocal: bob hides his own last seen, so he no longer sees alice's.
-    bob.client.set_last_seen_privacy(Visibility::Nobody).await.expect("privacy");
+    bob.client
+        .set_last_seen_privacy(Visibility::Nobody)
+        .await
+        .expect("privacy");
     let seen = bob.client.last_seen("alice").await.expect("bob");
     assert!(!seen.visible && seen.last_seen_ms.is_none());
-    alice.client.set_last_seen_privacy(Visibility::Nobody).await.expect("privacy");
-    assert!(!carol.client.last_seen("alice").await.expect("carol").visible);
-    assert!(alice.client.last_seen("alice").await.expect("self").visible, "one sees oneself");
+    alice
+        .client
+        .set_last_seen_privacy(Visibility::Nobody)
+        .await
+        .expect("privacy");
+    assert!(
+        !carol
+            .client
+            .last_seen("alice")
+            .await
+            .expect("carol")
+            .visible
+    );
+    assert!(
+        alice.client.last_seen("alice").await.expect("self").visible,
+        "one sees oneself"
+    );
 }

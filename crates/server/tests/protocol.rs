@@ -22,30 +22,91 @@ async fn accounts_errors_are_typed_and_change_nothing() {
     let srv = TestServer::start().await;
     let http = srv.http();
     let cases = [
-        (json!({"username": "ab", "password": "correct horse"}), 400, "bad_request"),
-        (json!({"username": "Bad Name", "password": "correct horse"}), 400, "bad_request"),
-        (json!({"username": "carol", "password": "short"}), 400, "bad_request"),
-        (json!({"username": "carol", "password": "aaaaaaaaaaaa"}), 400, "bad_request"),
-        (json!({"username": "carol", "password": "correct horse", "admin": true}), 400, "bad_request"),
+        (
+            json!({"username": "ab", "password": "correct horse"}),
+            400,
+            "bad_request",
+        ),
+        (
+            json!({"username": "Bad Name", "password": "correct horse"}),
+            400,
+            "bad_request",
+        ),
+        (
+            json!({"username": "carol", "password": "short"}),
+            400,
+            "bad_request",
+        ),
+        (
+            json!({"username": "carol", "password": "aaaaaaaaaaaa"}),
+            400,
+            "bad_request",
+        ),
+        (
+            json!({"username": "carol", "password": "correct horse", "admin": true}),
+            400,
+            "bad_request",
+        ),
         (json!({"username": "carol"}), 400, "bad_request"),
     ];
     for (body, status, code) in cases {
         let (s, v) = http.post("/v1/accounts", body.clone(), None).await;
-        assert_eq!((s, v["error"]["code"].as_str()), (status, Some(code)), "{body}");
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
     }
-    let (s, _) = http.post("/v1/accounts", json!({"username": "Carol", "password": "correct horse"}), None).await;
+    let (s, _) = http
+        .post(
+            "/v1/accounts",
+            json!({"username": "Carol", "password": "correct horse"}),
+            None,
+        )
+        .await;
     assert_eq!(s, 201);
-    let (s, v) = http.post("/v1/accounts", json!({"username": "carol", "password": "other horse"}), None).await;
+    let (s, v) = http
+        .post(
+            "/v1/accounts",
+            json!({"username": "carol", "password": "other horse"}),
+            None,
+        )
+        .await;
     assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")));
     // The original password still works: the conflicting attempt changed nothing.
     http.login("carol").await;
 
-    let (s, v) = http.post("/v1/sessions", json!({"username": "carol", "password": "wrong horse"}), None).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (401, Some("unauthorized")));
-    let (s2, v2) = http.post("/v1/sessions", json!({"username": "nobody", "password": "wrong horse"}), None).await;
-    assert_eq!((s2, &v2["error"]["message"]), (401, &v["error"]["message"]), "unknown user looks like a wrong password");
+    let (s, v) = http
+        .post(
+            "/v1/sessions",
+            json!({"username": "carol", "password": "wrong horse"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (s2, v2) = http
+        .post(
+            "/v1/sessions",
+            json!({"username": "nobody", "password": "wrong horse"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s2, &v2["error"]["message"]),
+        (401, &v["error"]["message"]),
+        "unknown user looks like a wrong password"
+    );
     let big = "x".repeat(100 * 1024);
-    let (s, v) = http.post("/v1/accounts", json!({"username": "dave", "password": big}), None).await;
+    let (s, v) = http
+        .post(
+            "/v1/accounts",
+            json!({"username": "dave", "password": big}),
+            None,
+        )
+        .await;
     assert_eq!((s, v["error"]["code"].as_str()), (413, Some("too_large")));
     let (s, _) = http.get("/v1/nope", None).await;
     assert_eq!(s, 404);
@@ -57,11 +118,26 @@ async fn login_attempts_are_rate_limited() {
     let http = srv.http();
     http.account("erin").await; // one attempt
     for _ in 0..2 {
-        let (s, _) = http.post("/v1/sessions", json!({"username": "erin", "password": "wrong horse"}), None).await;
+        let (s, _) = http
+            .post(
+                "/v1/sessions",
+                json!({"username": "erin", "password": "wrong horse"}),
+                None,
+            )
+            .await;
         assert_eq!(s, 401);
     }
-    let (s, v) = http.post("/v1/sessions", json!({"username": "erin", "password": "correct horse"}), None).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (429, Some("rate_limited")));
+    let (s, v) = http
+        .post(
+            "/v1/sessions",
+            json!({"username": "erin", "password": "correct horse"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
     assert!(v["error"]["retry_after_secs"].as_u64().unwrap_or(0) >= 1);
     // Other usernames are not affected.
     http.account("frank").await;
@@ -77,7 +153,11 @@ async fn tokens_devices_and_authorization() {
 
     for token in [None, Some("nope"), Some("")] {
         let (s, v) = http.get("/v1/devices", token).await;
-        assert_eq!((s, v["error"]["code"].as_str()), (401, Some("unauthorized")), "{token:?}");
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{token:?}"
+        );
     }
     let (s, v) = http.get("/v1/devices", Some(&t1)).await;
     assert_eq!(s, 200);
@@ -103,8 +183,16 @@ async fn tokens_devices_and_authorization() {
     let (s, _) = http.get("/v1/devices", Some(&t2)).await;
     assert_eq!(s, 401);
     let mut raw = Raw::open(srv.addr).await;
-    let rid = raw.request(client_frame::Kind::Hello(Hello { protocol_version: 1, token: t2.clone() })).await;
-    assert_eq!(error_code(&raw.answer(rid, &mut Vec::new()).await), Some(ErrorCode::Unauthorized));
+    let rid = raw
+        .request(client_frame::Kind::Hello(Hello {
+            protocol_version: 1,
+            token: t2.clone(),
+        }))
+        .await;
+    assert_eq!(
+        error_code(&raw.answer(rid, &mut Vec::new()).await),
+        Some(ErrorCode::Unauthorized)
+    );
     assert_eq!(raw.closed().await, Some(4001));
 
     // Logout removes the calling device.
@@ -121,20 +209,40 @@ async fn handshake_rules() {
     let (_, _, token) = srv.http().account("alice").await;
 
     let mut raw = Raw::open(srv.addr).await;
-    let rid = raw.request(client_frame::Kind::Hello(Hello { protocol_version: 99, token: token.clone() })).await;
-    assert_eq!(error_code(&raw.answer(rid, &mut Vec::new()).await), Some(ErrorCode::UnsupportedVersion));
+    let rid = raw
+        .request(client_frame::Kind::Hello(Hello {
+            protocol_version: 99,
+            token: token.clone(),
+        }))
+        .await;
+    assert_eq!(
+        error_code(&raw.answer(rid, &mut Vec::new()).await),
+        Some(ErrorCode::UnsupportedVersion)
+    );
     assert_eq!(raw.closed().await, Some(4004));
 
     let mut raw = Raw::open(srv.addr).await;
-    raw.request(client_frame::Kind::Ping(Ping { client_time_ms: 1 })).await;
-    assert!(matches!(raw.recv().await.kind, Some(server_frame::Kind::Error(_))));
+    raw.request(client_frame::Kind::Ping(Ping { client_time_ms: 1 }))
+        .await;
+    assert!(matches!(
+        raw.recv().await.kind,
+        Some(server_frame::Kind::Error(_))
+    ));
     assert_eq!(raw.closed().await, Some(4005));
 
     let (mut ok, welcome, events) = Raw::connect(srv.addr, &token).await;
-    assert_eq!((welcome.protocol_version, welcome.username.as_str()), (1, "alice"));
+    assert_eq!(
+        (welcome.protocol_version, welcome.username.as_str()),
+        (1, "alice")
+    );
     assert!(events.is_empty());
-    let rid = ok.request(client_frame::Kind::Ping(Ping { client_time_ms: 1 })).await;
-    assert!(matches!(ok.answer(rid, &mut Vec::new()).await, server_frame::Kind::Pong(_)));
+    let rid = ok
+        .request(client_frame::Kind::Ping(Ping { client_time_ms: 1 }))
+        .await;
+    assert!(matches!(
+        ok.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Pong(_)
+    ));
 }
 
 #[tokio::test]
@@ -149,31 +257,100 @@ async fn malformed_frames_get_errors_and_hurt_no_one() {
     for garbage in [vec![0xff, 0xff, 0xff], vec![0x0a, 0x80], Vec::new()] {
         a.send_bytes(garbage).await;
         let f = a.recv().await;
-        assert_eq!((f.request_id, f.kind.as_ref().and_then(error_code)), (0, Some(ErrorCode::BadRequest)));
+        assert_eq!(
+            (f.request_id, f.kind.as_ref().and_then(error_code)),
+            (0, Some(ErrorCode::BadRequest))
+        );
     }
-    a.ws.send(tokio_tungstenite::tungstenite::Message::Text("hello".into())).await.expect("text");
-    assert_eq!(a.recv().await.kind.as_ref().and_then(error_code), Some(ErrorCode::BadRequest));
+    a.ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        "hello".into(),
+    ))
+    .await
+    .expect("text");
+    assert_eq!(
+        a.recv().await.kind.as_ref().and_then(error_code),
+        Some(ErrorCode::BadRequest)
+    );
     // Request without an id, a second Hello, invalid sends: typed errors, nothing stored.
-    a.send_bytes(prost::Message::encode_to_vec(&ClientFrame { request_id: 0, kind: Some(client_frame::Kind::Ack(Ack { up_to: 1 })) })).await;
-    assert_eq!(a.recv().await.kind.as_ref().and_then(error_code), Some(ErrorCode::BadRequest));
+    a.send_bytes(prost::Message::encode_to_vec(&ClientFrame {
+        request_id: 0,
+        kind: Some(client_frame::Kind::Ack(Ack { up_to: 1 })),
+    }))
+    .await;
+    assert_eq!(
+        a.recv().await.kind.as_ref().and_then(error_code),
+        Some(ErrorCode::BadRequest)
+    );
     let bad_sends = [
-        (Send { client_msg_id: "".into(), to: Some(Peer::user(bob)), body: b"x".to_vec(), devices: vec![] }, ErrorCode::BadRequest),
-        (Send { client_msg_id: "m1".into(), to: None, body: b"x".to_vec(), devices: vec![] }, ErrorCode::BadRequest),
-        (Send { client_msg_id: "m1".into(), to: Some(Peer::user(9999)), body: b"x".to_vec(), devices: vec![] }, ErrorCode::NotFound),
-        (Send { client_msg_id: "m1".into(), to: Some(Peer::user(bob)), body: vec![0; 17 * 1024], devices: vec![DeviceBody { device_id: bd, body: None }] }, ErrorCode::TooLarge),
+        (
+            Send {
+                client_msg_id: "".into(),
+                to: Some(Peer::user(bob)),
+                body: b"x".to_vec(),
+                devices: vec![],
+            },
+            ErrorCode::BadRequest,
+        ),
+        (
+            Send {
+                client_msg_id: "m1".into(),
+                to: None,
+                body: b"x".to_vec(),
+                devices: vec![],
+            },
+            ErrorCode::BadRequest,
+        ),
+        (
+            Send {
+                client_msg_id: "m1".into(),
+                to: Some(Peer::user(9999)),
+                body: b"x".to_vec(),
+                devices: vec![],
+            },
+            ErrorCode::NotFound,
+        ),
+        (
+            Send {
+                client_msg_id: "m1".into(),
+                to: Some(Peer::user(bob)),
+                body: vec![0; 17 * 1024],
+                devices: vec![DeviceBody {
+                    device_id: bd,
+                    body: None,
+                }],
+            },
+            ErrorCode::TooLarge,
+        ),
     ];
     for (send, code) in bad_sends {
         let rid = a.request(client_frame::Kind::Send(send)).await;
-        assert_eq!(error_code(&a.answer(rid, &mut Vec::new()).await), Some(code));
+        assert_eq!(
+            error_code(&a.answer(rid, &mut Vec::new()).await),
+            Some(code)
+        );
     }
-    let rid = a.request(client_frame::Kind::Read(Read { conversation: Some(Peer::user(bob)), up_to_seq: 1 })).await;
-    assert_eq!(error_code(&a.answer(rid, &mut Vec::new()).await), Some(ErrorCode::NotFound), "no conversation yet");
+    let rid = a
+        .request(client_frame::Kind::Read(Read {
+            conversation: Some(Peer::user(bob)),
+            up_to_seq: 1,
+        }))
+        .await;
+    assert_eq!(
+        error_code(&a.answer(rid, &mut Vec::new()).await),
+        Some(ErrorCode::NotFound),
+        "no conversation yet"
+    );
 
     // An oversized frame closes only that connection.
     a.send_bytes(vec![0u8; 70 * 1024]).await;
     assert!(matches!(a.closed().await, Some(1009) | None));
-    let rid = b.request(client_frame::Kind::Ping(Ping { client_time_ms: 1 })).await;
-    assert!(matches!(b.answer(rid, &mut Vec::new()).await, server_frame::Kind::Pong(_)));
+    let rid = b
+        .request(client_frame::Kind::Ping(Ping { client_time_ms: 1 }))
+        .await;
+    assert!(matches!(
+        b.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Pong(_)
+    ));
     // Bob received nothing from all of that.
     let (_, _, events) = Raw::connect(srv.addr, &http.login("bob").await.2).await;
     assert!(events.is_empty());
@@ -199,13 +376,20 @@ async fn stale_device_list_is_rejected_with_the_difference() {
                 m.sort();
                 m
             });
-            assert_eq!(e.extra_devices, vec![a1], "the sending device must not address itself");
+            assert_eq!(
+                e.extra_devices,
+                vec![a1],
+                "the sending device must not address itself"
+            );
         }
         other => panic!("expected a device mismatch, got {other:?}"),
     }
     // Retry with the right set and the same id: stored as seq 1.
     let rid = a.send_text_msg(bob, "m1", b"hi", &[b1, b2, a2]).await;
-    assert!(matches!(a.answer(rid, &mut Vec::new()).await, server_frame::Kind::Sent(Sent { seq: 1, .. })));
+    assert!(matches!(
+        a.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Sent(Sent { seq: 1, .. })
+    ));
 }
 
 #[tokio::test]
@@ -228,7 +412,10 @@ async fn retried_send_is_idempotent() {
     drop(a);
     let (mut a, _, _) = Raw::connect(srv.addr, &ta).await;
     let rid = a.send_text_msg(bob, "same-id", b"once", &[b1]).await;
-    assert!(matches!(a.answer(rid, &mut Vec::new()).await, server_frame::Kind::Sent(Sent { seq: 1, .. })));
+    assert!(matches!(
+        a.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Sent(Sent { seq: 1, .. })
+    ));
     let (_, _, events) = Raw::connect(srv.addr, &tb).await;
     assert_eq!(events.len(), 1, "stored once");
 }

@@ -30,15 +30,25 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let mut config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
+        let mut config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
         config.last_seen_flush_secs = 1;
         tweak(&mut config);
         let state = AppState::build(config).expect("state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tern_server::run(listener, state, shutdown.clone()));
-        TestServer { addr, dir, shutdown, task: Some(task) }
+        TestServer {
+            addr,
+            dir,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -60,7 +70,10 @@ impl TestServer {
     }
 
     pub fn http(&self) -> Http {
-        Http { base: self.url(), client: reqwest::Client::new() }
+        Http {
+            base: self.url(),
+            client: reqwest::Client::new(),
+        }
     }
 }
 
@@ -76,7 +89,12 @@ pub struct Http {
 }
 
 impl Http {
-    pub async fn post(&self, path: &str, body: serde_json::Value, token: Option<&str>) -> (u16, serde_json::Value) {
+    pub async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let mut req = self.client.post(format!("{}{path}", self.base)).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -103,12 +121,21 @@ impl Http {
     async fn answer(resp: reqwest::Response) -> (u16, serde_json::Value) {
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
     }
 
     /// Registers and logs in; returns (user_id, device_id, token).
     pub async fn account(&self, name: &str) -> (u64, u64, String) {
-        let (s, _) = self.post("/v1/accounts", serde_json::json!({"username": name, "password": "correct horse"}), None).await;
+        let (s, _) = self
+            .post(
+                "/v1/accounts",
+                serde_json::json!({"username": name, "password": "correct horse"}),
+                None,
+            )
+            .await;
         assert!(s == 201 || s == 409, "register {name}: {s}");
         self.login(name).await
     }
@@ -118,11 +145,16 @@ impl Http {
             .post("/v1/sessions", serde_json::json!({"username": name, "password": "correct horse", "device_name": "test"}), None)
             .await;
         assert_eq!(s, 201, "login {name}: {v}");
-        (v["user_id"].as_u64().expect("uid"), v["device_id"].as_u64().expect("did"), v["token"].as_str().expect("token").to_owned())
+        (
+            v["user_id"].as_u64().expect("uid"),
+            v["device_id"].as_u64().expect("did"),
+            v["token"].as_str().expect("token").to_owned(),
+        )
     }
 }
 
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A raw protocol connection.
 pub struct Raw {
@@ -134,14 +166,21 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 impl Raw {
     pub async fn open(addr: SocketAddr) -> Raw {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
+            .await
+            .expect("connect");
         Raw { ws, next_id: 1 }
     }
 
     /// Opens, says Hello with `token`, and expects Welcome then reads up to Synced.
     pub async fn connect(addr: SocketAddr, token: &str) -> (Raw, Welcome, Vec<Event>) {
         let mut raw = Raw::open(addr).await;
-        let rid = raw.request(client_frame::Kind::Hello(Hello { protocol_version: 1, token: token.into() })).await;
+        let rid = raw
+            .request(client_frame::Kind::Hello(Hello {
+                protocol_version: 1,
+                token: token.into(),
+            }))
+            .await;
         let welcome = match raw.recv().await.kind {
             Some(server_frame::Kind::Welcome(w)) => w,
             other => panic!("expected Welcome to {rid}, got {other:?}"),
@@ -158,20 +197,32 @@ impl Raw {
     }
 
     pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
-        self.ws.send(WsMessage::Binary(bytes.into())).await.expect("send");
+        self.ws
+            .send(WsMessage::Binary(bytes.into()))
+            .await
+            .expect("send");
     }
 
     pub async fn request(&mut self, kind: client_frame::Kind) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.send_bytes(ClientFrame { request_id: id, kind: Some(kind) }.encode_to_vec()).await;
+        self.send_bytes(
+            ClientFrame {
+                request_id: id,
+                kind: Some(kind),
+            }
+            .encode_to_vec(),
+        )
+        .await;
         id
     }
 
     /// The next server frame (skipping WebSocket pings).
     pub async fn recv(&mut self) -> ServerFrame {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("frame in time");
             match msg.expect("open").expect("frame") {
                 WsMessage::Binary(b) => return ServerFrame::decode(&b[..]).expect("decodes"),
                 WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
@@ -195,7 +246,9 @@ impl Raw {
     /// Reads until the server closes; returns the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close in time");
             match msg {
                 Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)),
                 Some(Ok(_)) => continue,
@@ -205,11 +258,19 @@ impl Raw {
     }
 
     pub async fn send_text_msg(&mut self, to: u64, id: &str, body: &[u8], devices: &[u64]) -> u64 {
-        self.try_send_text_msg(to, id, body, devices).await.expect("send")
+        self.try_send_text_msg(to, id, body, devices)
+            .await
+            .expect("send")
     }
 
     /// Like `send_text_msg`, but `None` if the socket is gone.
-    pub async fn try_send_text_msg(&mut self, to: u64, id: &str, body: &[u8], devices: &[u64]) -> Option<u64> {
+    pub async fn try_send_text_msg(
+        &mut self,
+        to: u64,
+        id: &str,
+        body: &[u8],
+        devices: &[u64],
+    ) -> Option<u64> {
         let rid = self.next_id;
         self.next_id += 1;
         let frame = ClientFrame {
@@ -218,10 +279,19 @@ impl Raw {
                 client_msg_id: id.into(),
                 to: Some(Peer::user(to)),
                 body: body.to_vec(),
-                devices: devices.iter().map(|d| DeviceBody { device_id: *d, body: None }).collect(),
+                devices: devices
+                    .iter()
+                    .map(|d| DeviceBody {
+                        device_id: *d,
+                        body: None,
+                    })
+                    .collect(),
             })),
         };
-        self.ws.send(WsMessage::Binary(frame.encode_to_vec().into())).await.ok()?;
+        self.ws
+            .send(WsMessage::Binary(frame.encode_to_vec().into()))
+            .await
+            .ok()?;
         Some(rid)
     }
 }
