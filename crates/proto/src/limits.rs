@@ -38,6 +38,9 @@ pub struct Limits {
     pub idle_timeout_secs: u32,
     /// Seconds a new connection has to send `Hello`.
     pub handshake_timeout_secs: u32,
+    /// Seconds one frame may take to be written to a client before the connection is dropped
+    /// (a client that stops reading must not hold a connection task forever).
+    pub send_timeout_secs: u32,
     /// Login attempts allowed per username per minute (and per client address).
     pub login_attempts_per_minute: u32,
 }
@@ -53,6 +56,7 @@ impl Default for Limits {
             heartbeat_secs: 25,
             idle_timeout_secs: 75,
             handshake_timeout_secs: 10,
+            send_timeout_secs: 10,
             login_attempts_per_minute: 10,
         }
     }

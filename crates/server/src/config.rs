@@ -82,6 +82,11 @@ impl Config {
         if l.max_devices_per_user == 0 || l.outbound_queue == 0 {
             return bad("limits.max_devices_per_user and limits.outbound_queue must be positive");
         }
+        if l.send_timeout_secs == 0 || l.handshake_timeout_secs == 0 {
+            return bad(
+                "limits.send_timeout_secs and limits.handshake_timeout_secs must be positive",
+            );
+        }
         if l.heartbeat_secs == 0 || l.idle_timeout_secs <= l.heartbeat_secs {
             return bad("limits.idle_timeout_secs must exceed limits.heartbeat_secs (> 0)");
         }

@@ -420,3 +420,34 @@ async fn last_seen_follows_reciprocal_privacy() {
         "one sees oneself"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_device_list_is_refreshed_without_user_action() {
+    let srv = TestServer::start().await;
+    let alice = register(&srv, "alice").await;
+    let bob1 = register(&srv, "bob").await;
+    online(&alice).await;
+    alice.client.send_text("bob", "first").await.expect("send"); // caches bob's one device
+    // Bob adds a device and alice adds one too: alice's cached lists are now stale both ways.
+    let bob2 = login(&srv, "bob").await;
+    let alice2 = login(&srv, "alice").await;
+    let mut b2 = bob2.client.events();
+    let mut a2 = alice2.client.events();
+    online(&bob2).await;
+    online(&alice2).await;
+    let sent = alice
+        .client
+        .send_text("bob", "second")
+        .await
+        .expect("send after refresh");
+    assert_eq!(sent.seq, 2);
+    assert_eq!(
+        messages(&mut b2, 1).await,
+        vec![("second".into(), 2, false)]
+    );
+    assert_eq!(messages(&mut a2, 1).await, vec![("second".into(), 2, true)]);
+    let mut b1 = bob1.client.events();
+    online(&bob1).await;
+    let got = messages(&mut b1, 2).await;
+    assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), vec![1, 2]);
+}

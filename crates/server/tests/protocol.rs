@@ -419,3 +419,53 @@ async fn retried_send_is_idempotent() {
     let (_, _, events) = Raw::connect(srv.addr, &tb).await;
     assert_eq!(events.len(), 1, "stored once");
 }
+
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_idle_timeout() {
+    let srv = TestServer::start_with(|c| {
+        c.limits.heartbeat_secs = 1;
+        c.limits.idle_timeout_secs = 2;
+    })
+    .await;
+    let (_, _, token) = srv.http().account("alice").await;
+    let (mut raw, welcome, _) = Raw::connect(srv.addr, &token).await;
+    assert_eq!(welcome.heartbeat_secs, 1);
+    assert_eq!(raw.closed().await, Some(4003));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_and_loses_nothing() {
+    let srv = TestServer::start_with(|c| {
+        c.limits.outbound_queue = 8;
+        c.limits.send_timeout_secs = 1;
+    })
+    .await;
+    let http = srv.http();
+    let (_, _, ta) = http.account("alice").await;
+    let (bob, bd, tb) = http.account("bob").await;
+    let (mut stalled, _, _) = Raw::connect(srv.addr, &tb).await;
+    let (mut a, _, _) = Raw::connect(srv.addr, &ta).await;
+    // Far more than the socket buffers hold, so the server cannot write to bob any more.
+    const N: usize = 400;
+    let body = vec![7u8; 15 * 1024];
+    for i in 0..N {
+        let rid = a.send_text_msg(bob, &format!("m{i}"), &body, &[bd]).await;
+        assert!(matches!(
+            a.answer(rid, &mut Vec::new()).await,
+            server_frame::Kind::Sent(_)
+        ));
+    }
+    // Bob's connection was dropped (4002 or a write timeout), not left hanging.
+    let code = stalled.closed().await;
+    assert!(matches!(code, Some(4002) | None), "{code:?}");
+    // On reconnect, the mailbox has every message, in order.
+    let (_, _, events) = Raw::connect(srv.addr, &tb).await;
+    let seqs: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(event::Kind::Message(m)) => Some(m.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, (1..=N as u64).collect::<Vec<_>>());
+}

@@ -70,6 +70,7 @@ enum End {
 
 type SendResult = Result<(), End>;
 
+/// Writes one frame. Used for the handshake, where the read timeout bounds the exchange.
 async fn send_frame(socket: &mut WebSocket, frame: &ServerFrame) -> SendResult {
     socket
         .send(Message::Binary(frame.encode_to_vec().into()))
@@ -215,7 +216,7 @@ impl Conn<'_> {
                 up_to: self.cursor.sent(),
             })),
         };
-        if let Err(end) = send_frame(self.socket, &synced).await {
+        if let Err(end) = self.send(&synced).await {
             return end;
         }
         let idle = Duration::from_secs(self.state.config.limits.idle_timeout_secs.into());
@@ -239,7 +240,7 @@ impl Conn<'_> {
                         }
                         Some(Ok(Message::Text(_))) => {
                             let e = ApiError::bad_request("text frames are not part of the protocol; send binary protobuf frames");
-                            if let Err(end) = send_frame(self.socket, &e.to_frame(0)).await {
+                            if let Err(end) = self.send(&e.to_frame(0)).await {
                                 return end;
                             }
                         }
@@ -274,8 +275,22 @@ impl Conn<'_> {
         }
     }
 
+    /// Writes one frame, giving up after `send_timeout_secs`: a client that stopped reading
+    /// is dropped (its mailbox keeps everything) rather than holding this task forever.
+    async fn send(&mut self, frame: &ServerFrame) -> SendResult {
+        let limit = Duration::from_secs(self.state.config.limits.send_timeout_secs.into());
+        match tokio::time::timeout(limit, send_frame(self.socket, frame)).await {
+            Ok(result) => result,
+            Err(_) => {
+                metrics::counter!("tern_send_timeouts_total").increment(1);
+                Err(End::Gone)
+            }
+        }
+    }
+
     async fn send_entry(&mut self, entry: &MailboxEntry) -> SendResult {
-        send_frame(self.socket, &render::event_frame(entry, self.who.user_id)).await?;
+        self.send(&render::event_frame(entry, self.who.user_id))
+            .await?;
         self.cursor.sent_up_to(entry.mseq);
         Ok(())
     }
@@ -318,7 +333,7 @@ impl Conn<'_> {
             Err(e) => {
                 metrics::counter!("tern_malformed_frames_total").increment(1);
                 let err = ApiError::bad_request(format!("cannot decode frame: {e}"));
-                return send_frame(self.socket, &err.to_frame(0)).await;
+                return self.send(&err.to_frame(0)).await;
             }
         };
         let rid = frame.request_id;
@@ -367,6 +382,6 @@ impl Conn<'_> {
             },
             Err(e) => e.to_frame(rid),
         };
-        send_frame(self.socket, &frame).await
+        self.send(&frame).await
     }
 }
