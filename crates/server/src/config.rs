@@ -69,6 +69,51 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// Applies `key=value` overrides, keys as dotted paths (`limits.max_frame_bytes`). Values
+    /// are TOML (`5`, `"text"`, `true`); a bare word is taken as a string. Unknown keys and
+    /// values of the wrong type are refused.
+    pub fn with_overrides<'a>(
+        self,
+        overrides: impl IntoIterator<Item = (String, &'a str)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root =
+            toml::Value::try_from(&self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (key, raw) in overrides {
+            let mut node = &mut root;
+            for part in key.split('.') {
+                node = node
+                    .get_mut(part)
+                    .ok_or_else(|| ConfigError::Invalid(format!("unknown setting {key:?}")))?;
+            }
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+            if std::mem::discriminant(node) != std::mem::discriminant(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}: expected a {}, got {raw:?}",
+                    node.type_str()
+                )));
+            }
+            *node = value;
+        }
+        root.try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// Overrides from the environment: `TERN_SET_<KEY>` with `__` for a dot, e.g.
+    /// `TERN_SET_LIMITS__MAX_FRAME_BYTES=131072`.
+    pub fn env_overrides(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+        vars.filter_map(|(k, v)| {
+            let key = k
+                .strip_prefix("TERN_SET_")?
+                .to_ascii_lowercase()
+                .replace("__", ".");
+            Some((key, v))
+        })
+        .collect()
+    }
+
     /// Checks values that would make the server misbehave.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
@@ -122,6 +167,44 @@ mod tests {
         let c = Config::from_toml("[limits]\nmax_body_bytes = 1000").expect("parses");
         assert_eq!(c.limits.max_body_bytes, 1000);
         assert_eq!(c.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn overrides_by_dotted_key() {
+        let c = Config::default()
+            .with_overrides([
+                ("limits.max_body_bytes".to_owned(), "1000"),
+                ("listen".to_owned(), "\"127.0.0.1:9\""),
+                ("data_dir".to_owned(), "/tmp/x"),
+            ])
+            .expect("applies");
+        assert_eq!(c.limits.max_body_bytes, 1000);
+        assert_eq!(c.listen.port(), 9);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        let bad = [
+            ("limits.nope", "1"),
+            ("limits.max_body_bytes", "lots"),
+            ("nope", "1"),
+        ];
+        for (k, v) in bad {
+            assert!(
+                Config::default()
+                    .with_overrides([(k.to_owned(), v)])
+                    .is_err(),
+                "{k}={v}"
+            );
+        }
+        let env = Config::env_overrides(
+            [
+                ("TERN_SET_LIMITS__OUTBOUND_QUEUE".to_owned(), "9".to_owned()),
+                ("TERN_LOG".to_owned(), "x".to_owned()),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            env,
+            vec![("limits.outbound_queue".to_owned(), "9".to_owned())]
+        );
     }
 
     #[test]

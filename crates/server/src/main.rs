@@ -34,6 +34,10 @@ struct ServeArgs {
     /// Data directory (the SQLite database lives here).
     #[arg(long, env = "TERN_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Override any setting of the config file: `--set limits.max_frame_bytes=131072`
+    /// (repeatable; also `TERN_SET_LIMITS__MAX_FRAME_BYTES=131072` in the environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -66,6 +70,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    // Precedence: file < environment (TERN_SET_*) < --set < --listen/--data-dir.
+    let mut overrides = Config::env_overrides(std::env::vars());
+    for kv in &args.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        overrides.push((k.to_owned(), v.to_owned()));
+    }
+    config = config.with_overrides(overrides.iter().map(|(k, v)| (k.clone(), v.as_str())))?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
