@@ -97,7 +97,7 @@ pub struct Welcome {
 /// is named by the other user's id (for a device of user A, the chat with B is `user = B`).
 #[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
 pub struct Peer {
-    #[prost(oneof = "peer::Kind", tags = "1")]
+    #[prost(oneof = "peer::Kind", tags = "1, 2")]
     pub kind: Option<peer::Kind>,
 }
 
@@ -107,6 +107,9 @@ pub mod peer {
         /// The direct conversation with this user.
         #[prost(uint64, tag = "1")]
         User(u64),
+        /// The group with this id.
+        #[prost(uint64, tag = "2")]
+        Group(u64),
     }
 }
 
@@ -114,6 +117,12 @@ impl Peer {
     pub fn user(id: u64) -> Peer {
         Peer {
             kind: Some(peer::Kind::User(id)),
+        }
+    }
+
+    pub fn group(id: u64) -> Peer {
+        Peer {
+            kind: Some(peer::Kind::Group(id)),
         }
     }
 }
@@ -128,9 +137,10 @@ pub struct DeviceBody {
     pub body: Option<Vec<u8>>,
 }
 
-/// Post a message. `devices` must list exactly the recipient's current devices plus the
-/// sender's own other devices; otherwise the answer is `Error{DEVICE_MISMATCH}` with the
-/// missing and extra ids. Retrying with the same `client_msg_id` is safe (idempotent).
+/// Post a message. To a user: `devices` must list exactly the recipient's current devices plus
+/// the sender's own other devices; otherwise the answer is `Error{DEVICE_MISMATCH}` with the
+/// missing and extra ids. To a group: `devices` must be empty; the server fans the one body out
+/// to every member device. Retrying with the same `client_msg_id` is safe (idempotent).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Send {
     #[prost(string, tag = "1")]
@@ -242,8 +252,67 @@ pub struct Message {
     pub client_msg_id: String,
     #[prost(int64, tag = "8")]
     pub server_ts_ms: i64,
+    /// For `kind == USER` the sender's opaque bytes; for `kind == SYSTEM` an encoded
+    /// [`GroupEvent`] written by the server.
     #[prost(bytes = "vec", tag = "9")]
     pub body: Vec<u8>,
+    #[prost(enumeration = "MessageKind", tag = "10")]
+    pub kind: i32,
+    /// For a group: its name when the message was delivered.
+    #[prost(string, tag = "11")]
+    pub group_name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum MessageKind {
+    /// Written by a user; the server never parses the body.
+    User = 0,
+    /// A group membership or settings change, written by the server; the body is a
+    /// [`GroupEvent`].
+    System = 1,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum GroupAction {
+    Unspecified = 0,
+    Created = 1,
+    Added = 2,
+    Removed = 3,
+    Left = 4,
+    Promoted = 5,
+    Demoted = 6,
+    Renamed = 7,
+    SettingsChanged = 8,
+}
+
+/// A user named in a [`GroupEvent`].
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct UserRef {
+    #[prost(uint64, tag = "1")]
+    pub user_id: u64,
+    #[prost(string, tag = "2")]
+    pub username: String,
+}
+
+/// The body of a system message: who changed what in the group. Every member sees the same
+/// sequence of these, so each knows who was in the group at every point of its history.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct GroupEvent {
+    #[prost(enumeration = "GroupAction", tag = "1")]
+    pub action: i32,
+    #[prost(message, optional, tag = "2")]
+    pub actor: Option<UserRef>,
+    /// The members added, removed, promoted or demoted (the actor itself for `LEFT`).
+    #[prost(message, repeated, tag = "3")]
+    pub targets: Vec<UserRef>,
+    /// The group's name after the event.
+    #[prost(string, tag = "4")]
+    pub name: String,
+    /// Whether every member may add members, after the event.
+    #[prost(bool, tag = "5")]
+    pub members_can_add: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -257,7 +326,8 @@ pub enum ReceiptKind {
 }
 
 /// A watermark: `reader_user` has the conversation's messages up to `up_to_seq` delivered (or
-/// read). Watermarks only grow; a client keeps the largest it has seen.
+/// read). Watermarks only grow; a client keeps the largest it has seen. `all_*` say what every
+/// other participant has, which is what the sender's ticks show.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Receipt {
     #[prost(message, optional, tag = "1")]
@@ -274,6 +344,12 @@ pub struct Receipt {
     pub up_to_seq: u64,
     #[prost(int64, tag = "7")]
     pub server_ts_ms: i64,
+    /// The ticks of the receiving user's own messages in this conversation: every other member
+    /// (in a direct conversation: the peer) has delivered / read up to these sequence numbers.
+    #[prost(uint64, tag = "8")]
+    pub all_delivered_up_to: u64,
+    #[prost(uint64, tag = "9")]
+    pub all_read_up_to: u64,
 }
 
 /// The mailbox has been drained: every event stored before the connection was established has

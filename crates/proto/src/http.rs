@@ -124,3 +124,112 @@ pub struct ErrorDetail {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u64>,
 }
+
+/// A member's role in a group.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Member,
+    Admin,
+    /// The creator (or whoever inherited the group when the owner left). Also an admin.
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    pub fn is_admin(self) -> bool {
+        self != Role::Member
+    }
+}
+
+/// `POST /v1/groups`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroupRequest {
+    pub name: String,
+    /// Usernames of the first members besides the creator.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Whether every member may add members (default: admins only).
+    #[serde(default)]
+    pub members_can_add: bool,
+}
+
+/// `PATCH /v1/groups/{id}`: change the name and/or the settings (admins only).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateGroupRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_can_add: Option<bool>,
+}
+
+/// `POST /v1/groups/{id}/members`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddMembersRequest {
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupMember {
+    pub user_id: u64,
+    pub username: String,
+    pub role: Role,
+    /// The group sequence number of the event that added this member.
+    pub joined_seq: u64,
+}
+
+/// A group as its members see it (`GET /v1/groups/{id}`, and the answer to every change).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub group_id: u64,
+    pub name: String,
+    pub members_can_add: bool,
+    pub created_at_ms: i64,
+    pub members: Vec<GroupMember>,
+    /// The sequence number of the last message or event in the group.
+    pub last_seq: u64,
+}
+
+/// One line of `GET /v1/groups`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupSummary {
+    pub group_id: u64,
+    pub name: String,
+    pub role: Role,
+    pub member_count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupsResponse {
+    pub groups: Vec<GroupSummary>,
+}
+
+/// One member's state for one message, in [`MessageInfo`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberReceipt {
+    pub user_id: u64,
+    pub username: String,
+    pub delivered: bool,
+    pub read: bool,
+}
+
+/// `GET /v1/groups/{id}/messages/{seq}`: WhatsApp's message info, for the message's sender.
+/// Lists the current members who were in the group when the message was sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageInfo {
+    pub group_id: u64,
+    pub seq: u64,
+    pub members: Vec<MemberReceipt>,
+    pub delivered_to_all: bool,
+    pub read_by_all: bool,
+}

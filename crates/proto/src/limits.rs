@@ -17,6 +17,8 @@ pub const PASSWORD_MIN: usize = 8;
 pub const PASSWORD_MAX: usize = 1024;
 /// Longest device name in bytes.
 pub const DEVICE_NAME_MAX: usize = 64;
+/// Longest group name in bytes.
+pub const GROUP_NAME_MAX: usize = 100;
 
 /// Limits a server enforces. Every size the server accepts is bounded by one of these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,8 @@ pub struct Limits {
     pub send_timeout_secs: u32,
     /// Login attempts allowed per username per minute (and per client address).
     pub login_attempts_per_minute: u32,
+    /// Most members of one group.
+    pub max_group_members: usize,
 }
 
 impl Default for Limits {
@@ -58,6 +62,7 @@ impl Default for Limits {
             handshake_timeout_secs: 10,
             send_timeout_secs: 10,
             login_attempts_per_minute: 10,
+            max_group_members: 1024,
         }
     }
 }

@@ -55,6 +55,20 @@ pub fn device_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a group name: 1–100 bytes, no control characters, not only spaces.
+pub fn group_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("group name must not be empty".into());
+    }
+    if name.len() > GROUP_NAME_MAX {
+        return Err(format!("group name must be at most {GROUP_NAME_MAX} bytes"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("group name must not contain control characters".into());
+    }
+    Ok(())
+}
+
 /// Checks a client message id: 1–64 bytes of printable ASCII.
 pub fn client_msg_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES {
@@ -105,6 +119,14 @@ mod tests {
         assert!(password("aaaaaaaaaaaa", "alice").is_err());
         assert!(password("alicealice", "alicealice").is_err());
         assert!(password(&"x".repeat(PASSWORD_MAX + 1), "alice").is_err());
+    }
+
+    #[test]
+    fn group_names() {
+        assert!(group_name("Family 👪").is_ok());
+        assert!(group_name("   ").is_err());
+        assert!(group_name("a\nb").is_err());
+        assert!(group_name(&"x".repeat(101)).is_err());
     }
 
     #[test]
