@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::router::{LocalRouter, Router};
+use crate::services::groups::Groups;
 use crate::services::messaging::Messaging;
 use crate::services::presence::Presence;
 use crate::services::{Clock, SystemClock};
@@ -29,6 +30,7 @@ pub struct AppState {
     pub router: Arc<dyn Router>,
     pub clock: Arc<dyn Clock>,
     pub messaging: Arc<Messaging>,
+    pub groups: Arc<Groups>,
     pub presence: Arc<Presence>,
     pub login_by_user: Arc<DefaultKeyedRateLimiter<String>>,
     pub login_by_addr: Arc<DefaultKeyedRateLimiter<std::net::IpAddr>>,
@@ -91,6 +93,12 @@ impl AppState {
             clock.clone(),
             config.limits.clone(),
         ));
+        let groups = Arc::new(Groups::new(
+            store.clone(),
+            router.clone(),
+            clock.clone(),
+            config.limits.clone(),
+        ));
         let presence = Arc::new(Presence::new(store.clone(), router.clone(), clock.clone()));
         AppState {
             login_by_user: Arc::new(RateLimiter::keyed(per_minute(
@@ -104,6 +112,7 @@ impl AppState {
             router,
             clock,
             messaging,
+            groups,
             presence,
             metrics: prometheus(),
             connections: TaskTracker::new(),

@@ -124,8 +124,10 @@ impl Config {
         if l.max_body_bytes == 0 || l.max_body_bytes >= l.max_frame_bytes {
             return bad("limits.max_body_bytes must be positive and below max_frame_bytes");
         }
-        if l.max_devices_per_user == 0 || l.outbound_queue == 0 {
-            return bad("limits.max_devices_per_user and limits.outbound_queue must be positive");
+        if l.max_devices_per_user == 0 || l.outbound_queue == 0 || l.max_group_members < 2 {
+            return bad(
+                "limits.max_devices_per_user and limits.outbound_queue must be positive, limits.max_group_members at least 2",
+            );
         }
         if l.send_timeout_secs == 0 || l.handshake_timeout_secs == 0 {
             return bad(

@@ -75,6 +75,11 @@ impl From<StoreError> for ApiError {
                 )
             },
             StoreError::Invalid(m) => ApiError::bad_request(m),
+            StoreError::Forbidden(m) => ApiError::new(ErrorCode::Forbidden, m),
+            StoreError::GroupFull(n) => ApiError::new(
+                ErrorCode::LimitReached,
+                format!("the group is full ({n} members at most)"),
+            ),
             StoreError::Closed => {
                 ApiError::new(ErrorCode::Unavailable, "the server is shutting down")
             }
@@ -124,6 +129,8 @@ mod tests {
             (StoreError::NotFound("user"), ErrorCode::NotFound),
             (StoreError::DeviceLimit(3), ErrorCode::LimitReached),
             (StoreError::Invalid("x".into()), ErrorCode::BadRequest),
+            (StoreError::Forbidden("x".into()), ErrorCode::Forbidden),
+            (StoreError::GroupFull(3), ErrorCode::LimitReached),
             (StoreError::Closed, ErrorCode::Unavailable),
             (StoreError::Database("disk".into()), ErrorCode::Internal),
         ];

@@ -17,6 +17,10 @@ pub enum StoreError {
     },
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("not allowed: {0}")]
+    Forbidden(String),
+    #[error("the group is full ({0} members)")]
+    GroupFull(usize),
     #[error("database error: {0}")]
     Database(String),
     #[error("the store is closed")]

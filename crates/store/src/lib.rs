@@ -69,8 +69,10 @@ pub trait Store: Send + Sync + 'static {
 
     // --- messaging ---
 
-    /// Stores a message and its mailbox entries in one transaction, after checking that
-    /// `post.devices` is exactly the recipient's devices plus the sender's other devices.
+    /// Stores a message and its mailbox entries in one transaction. To a user: after checking
+    /// that `post.devices` is exactly the recipient's devices plus the sender's other devices.
+    /// To a group: after checking membership; every member device but the sending one gets an
+    /// entry referencing the one stored body.
     async fn post_message(&self, post: NewMessage) -> Result<PostOutcome, StoreError>;
 
     /// Up to `limit` entries of a device's mailbox with `mseq > after`, in order.
@@ -90,15 +92,50 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Vec<Delivery>, StoreError>;
 
-    /// Advances `who`'s read watermark in the direct conversation with `peer`; returns the
-    /// receipt entries for the peer's devices and `who`'s other devices (none if it did not grow).
+    /// Advances `who`'s read watermark in a conversation; returns the receipt entries for the
+    /// senders of the newly read messages (in a direct conversation: the peer) and for `who`'s
+    /// other devices (none if the watermark did not grow).
     async fn mark_read(
         &self,
         who: DeviceAuth,
-        peer: UserId,
+        conversation: Target,
         up_to_seq: u64,
         now_ms: i64,
     ) -> Result<Vec<Delivery>, StoreError>;
+
+    // --- groups ---
+
+    /// Creates a group owned by `creator` with `members` (the creator is added if missing),
+    /// and its `CREATED` system message. [`StoreError::GroupFull`] past `max_members`.
+    async fn create_group(&self, group: NewGroup) -> Result<GroupChange, StoreError>;
+
+    /// Applies a change by a member, after checking its rights (`logic::authorize`), and writes
+    /// one system message per change into the group's sequence. Non-members get
+    /// `NotFound("group")`.
+    async fn change_group(
+        &self,
+        actor: DeviceAuth,
+        group: GroupId,
+        op: GroupOp,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<GroupChange, StoreError>;
+
+    async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError>;
+
+    /// The user's groups (at most `limit`).
+    async fn groups_of(
+        &self,
+        user: UserId,
+        limit: usize,
+    ) -> Result<Vec<GroupSummaryRecord>, StoreError>;
+
+    /// Who has message `seq` of a group delivered and read.
+    async fn message_info(
+        &self,
+        group: GroupId,
+        seq: u64,
+    ) -> Result<Option<MessageInfoRecord>, StoreError>;
 
     /// A cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;

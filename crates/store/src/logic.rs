@@ -2,7 +2,49 @@
 
 use std::collections::BTreeSet;
 
-use crate::{DeviceId, StoreError};
+use crate::{DeviceId, GroupOp, Role, StoreError};
+
+/// Whether a member with role `actor` may apply `op` to a member with role `target` (`None`:
+/// not a member) in a group whose `members_can_add` setting is as given. The one place the
+/// group permission rules live, for every backend.
+pub fn authorize(
+    op: &GroupOp,
+    actor: Role,
+    target: Option<Role>,
+    members_can_add: bool,
+) -> Result<(), StoreError> {
+    let forbidden = |m: &str| Err(StoreError::Forbidden(m.to_owned()));
+    let not_member = || Err(StoreError::NotFound("member"));
+    match op {
+        GroupOp::Add(_) if !actor.is_admin() && !members_can_add => {
+            forbidden("only admins may add members to this group")
+        }
+        GroupOp::Add(_) | GroupOp::Leave => Ok(()),
+        GroupOp::Update { .. } if !actor.is_admin() => {
+            forbidden("only admins may change the group")
+        }
+        GroupOp::Update { .. } => Ok(()),
+        GroupOp::Remove(_) | GroupOp::Promote(_) | GroupOp::Demote(_) if !actor.is_admin() => {
+            forbidden("only admins may do this")
+        }
+        GroupOp::Remove(_) => match target {
+            None => not_member(),
+            Some(Role::Owner) => forbidden("the owner cannot be removed"),
+            Some(_) => Ok(()),
+        },
+        GroupOp::Promote(_) => match target {
+            None => not_member(),
+            Some(Role::Member) => Ok(()),
+            Some(_) => Err(StoreError::Invalid("already an admin".into())),
+        },
+        GroupOp::Demote(_) => match target {
+            None => not_member(),
+            Some(Role::Owner) => forbidden("the owner cannot be demoted"),
+            Some(Role::Admin) => Ok(()),
+            Some(Role::Member) => Err(StoreError::Invalid("not an admin".into())),
+        },
+    }
+}
 
 /// Compares the devices a post addresses with the devices it must address.
 /// Returns `Ok(())` when they are the same set, [`StoreError::DeviceMismatch`] with sorted
@@ -28,6 +70,44 @@ pub fn check_device_set(expected: &[DeviceId], addressed: &[DeviceId]) -> Result
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn group_permissions() {
+        use Role::*;
+        let add = GroupOp::Add(vec![9]);
+        let upd = GroupOp::Update {
+            name: Some("x".into()),
+            members_can_add: None,
+        };
+        // (op, actor, target, members_can_add, allowed)
+        let cases: Vec<(GroupOp, Role, Option<Role>, bool, bool)> = vec![
+            (add.clone(), Member, None, false, false),
+            (add.clone(), Member, None, true, true),
+            (add.clone(), Admin, None, false, true),
+            (GroupOp::Leave, Member, None, false, true),
+            (GroupOp::Leave, Owner, None, false, true),
+            (upd.clone(), Member, None, true, false),
+            (upd.clone(), Admin, None, false, true),
+            (GroupOp::Remove(2), Member, Some(Member), true, false),
+            (GroupOp::Remove(2), Admin, Some(Member), false, true),
+            (GroupOp::Remove(2), Admin, Some(Admin), false, true),
+            (GroupOp::Remove(2), Admin, Some(Owner), false, false),
+            (GroupOp::Remove(2), Owner, None, false, false),
+            (GroupOp::Promote(2), Member, Some(Member), false, false),
+            (GroupOp::Promote(2), Admin, Some(Member), false, true),
+            (GroupOp::Promote(2), Admin, Some(Admin), false, false),
+            (GroupOp::Demote(2), Admin, Some(Admin), false, true),
+            (GroupOp::Demote(2), Owner, Some(Owner), false, false),
+            (GroupOp::Demote(2), Admin, Some(Member), false, false),
+        ];
+        for (op, actor, target, mca, allowed) in cases {
+            assert_eq!(
+                authorize(&op, actor, target, mca).is_ok(),
+                allowed,
+                "{op:?} by {actor:?} on {target:?}"
+            );
+        }
+    }
 
     type Case<'a> = (&'a [u64], &'a [u64], Result<(), StoreError>);
 

@@ -46,22 +46,118 @@ pub struct UserRef {
     pub username: String,
 }
 
-/// A direct conversation between two users (`lo.id <= hi.id`; equal for a note to self).
+pub type GroupId = u64;
+
+/// Where a message lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conversation {
-    pub lo: UserRef,
-    pub hi: UserRef,
+pub enum Conversation {
+    /// Between two users (`lo.id <= hi.id`; equal for a note to self).
+    Direct { lo: UserRef, hi: UserRef },
+    /// A group, with its name at the time of reading.
+    Group { id: GroupId, name: String },
 }
 
-impl Conversation {
-    /// The other participant, as seen by `me`.
-    pub fn peer_of(&self, me: UserId) -> &UserRef {
-        if self.lo.id == me { &self.hi } else { &self.lo }
-    }
+/// Who a message is posted to, or which conversation is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    User(UserId),
+    Group(GroupId),
+}
 
-    pub fn user(&self, id: UserId) -> Option<&UserRef> {
-        [&self.lo, &self.hi].into_iter().find(|u| u.id == id)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// Written by a user; the body is opaque.
+    User,
+    /// Written by the server: a group event (`tern_proto::frames::GroupEvent`, encoded).
+    System,
+}
+
+pub use tern_proto::http::Role;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub user: UserRef,
+    pub role: Role,
+    pub joined_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub id: GroupId,
+    pub name: String,
+    pub members_can_add: bool,
+    pub created_at_ms: i64,
+    pub last_seq: u64,
+    /// Ordered by joining, then user id.
+    pub members: Vec<MemberRecord>,
+}
+
+impl GroupRecord {
+    pub fn role_of(&self, user: UserId) -> Option<Role> {
+        self.members
+            .iter()
+            .find(|m| m.user.id == user)
+            .map(|m| m.role)
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummaryRecord {
+    pub id: GroupId,
+    pub name: String,
+    pub role: Role,
+    pub member_count: u64,
+}
+
+/// A group to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGroup {
+    pub creator: DeviceAuth,
+    pub name: String,
+    /// The first members besides the creator (the creator is ignored if listed).
+    pub members: Vec<UserId>,
+    pub members_can_add: bool,
+    pub max_members: usize,
+    pub now_ms: i64,
+}
+
+/// A change to a group, by one of its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupOp {
+    Add(Vec<UserId>),
+    Remove(UserId),
+    Leave,
+    Promote(UserId),
+    Demote(UserId),
+    Update {
+        name: Option<String>,
+        members_can_add: Option<bool>,
+    },
+}
+
+/// The result of creating or changing a group: its new state and the system messages' mailbox
+/// entries to hand to connected devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupChange {
+    pub group: GroupRecord,
+    pub deliveries: Vec<Delivery>,
+}
+
+/// Delivery state of one message for one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberReceiptRecord {
+    pub user: UserRef,
+    pub delivered: bool,
+    pub read: bool,
+}
+
+/// WhatsApp's "message info": who has a group message, for its sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageInfoRecord {
+    pub group: GroupId,
+    pub seq: u64,
+    pub sender: UserId,
+    pub members: Vec<MemberReceiptRecord>,
 }
 
 /// One addressed device of a post, with an optional body of its own.
@@ -75,7 +171,9 @@ pub struct AddressedDevice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {
     pub sender: DeviceAuth,
-    pub recipient: UserId,
+    /// A user (the devices must be addressed exactly) or a group (`devices` empty: the store
+    /// fans out to every member device).
+    pub to: Target,
     pub client_msg_id: String,
     pub body: Vec<u8>,
     pub devices: Vec<AddressedDevice>,
@@ -87,7 +185,9 @@ pub struct NewMessage {
 pub struct MessageRecord {
     pub conversation: Conversation,
     pub seq: u64,
+    pub kind: MessageKind,
     pub sender_user: UserId,
+    pub sender_username: String,
     pub sender_device: DeviceId,
     pub client_msg_id: String,
     pub server_ts_ms: i64,
@@ -104,8 +204,12 @@ pub enum ReceiptKind {
 pub struct ReceiptRecord {
     pub conversation: Conversation,
     pub reader: UserId,
+    pub reader_username: String,
     pub kind: ReceiptKind,
     pub up_to_seq: u64,
+    /// The receiving user's ticks: every other participant has delivered / read up to here.
+    pub all_delivered_up_to: u64,
+    pub all_read_up_to: u64,
     pub ts_ms: i64,
 }
 

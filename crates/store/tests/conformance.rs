@@ -43,7 +43,7 @@ async fn user(s: &dyn Store, name: &str, n: usize) -> Vec<DeviceAuth> {
 fn to(sender: &DeviceAuth, recipient: UserId, id: &str, devices: &[DeviceId]) -> NewMessage {
     NewMessage {
         sender: sender.clone(),
-        recipient,
+        to: Target::User(recipient),
         client_msg_id: id.into(),
         body: format!("body {id}").into_bytes(),
         devices: devices
@@ -347,7 +347,7 @@ async fn read_receipts_are_watermarks(f: Fixture) {
             .expect("post");
     }
     let r = s
-        .mark_read(bob[0].clone(), alice[0].user_id, 3, 5)
+        .mark_read(bob[0].clone(), Target::User(alice[0].user_id), 3, 5)
         .await
         .expect("read");
     let mut targets: Vec<DeviceId> = r.iter().map(|d| d.device).collect();
@@ -358,20 +358,21 @@ async fn read_receipts_are_watermarks(f: Fixture) {
         "the peer and the reader's other devices"
     );
     assert!(
-        s.mark_read(bob[1].clone(), alice[0].user_id, 2, 6)
+        s.mark_read(bob[1].clone(), Target::User(alice[0].user_id), 2, 6)
             .await
             .expect("read")
             .is_empty(),
         "lower watermark: nothing"
     );
     assert_eq!(
-        s.mark_read(bob[0].clone(), alice[0].user_id, 9, 7).await,
+        s.mark_read(bob[0].clone(), Target::User(alice[0].user_id), 9, 7)
+            .await,
         Err(StoreError::Invalid(
             "up_to_seq 9 is beyond the last message (4)".into()
         ))
     );
     assert_eq!(
-        s.mark_read(bob[0].clone(), 999, 1, 7).await,
+        s.mark_read(bob[0].clone(), Target::User(999), 1, 7).await,
         Err(StoreError::NotFound("conversation"))
     );
     assert_eq!(
@@ -485,6 +486,403 @@ async fn last_seen_and_privacy(f: Fixture) {
     );
 }
 
+fn new_group(creator: &DeviceAuth, members: &[UserId]) -> NewGroup {
+    NewGroup {
+        creator: creator.clone(),
+        name: "friends".into(),
+        members: members.to_vec(),
+        members_can_add: false,
+        max_members: 5,
+        now_ms: 10,
+    }
+}
+
+fn group_post(sender: &DeviceAuth, group: GroupId, id: &str) -> NewMessage {
+    NewMessage {
+        sender: sender.clone(),
+        to: Target::Group(group),
+        client_msg_id: id.into(),
+        body: format!("body {id}").into_bytes(),
+        devices: Vec::new(),
+        now_ms: 20,
+    }
+}
+
+/// (seq, kind) of the messages in a device's mailbox.
+async fn kinds_of(s: &dyn Store, device: DeviceId) -> Vec<(u64, MessageKind)> {
+    s.mailbox_after(device, 0, 1000)
+        .await
+        .expect("mailbox")
+        .into_iter()
+        .filter_map(|e| match e.item {
+            MailboxItem::Message(m) => Some((m.seq, m.kind)),
+            MailboxItem::Receipt(_) => None,
+        })
+        .collect()
+}
+
+async fn groups_fan_out_one_body_in_one_order(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 2).await;
+    let bob = user(s, "bob", 1).await;
+    let carol = user(s, "carol", 1).await;
+    let g = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id, carol[0].user_id]))
+        .await
+        .expect("create");
+    let gid = g.group.id;
+    assert_eq!(g.group.last_seq, 1);
+    assert_eq!(g.group.role_of(alice[0].user_id), Some(Role::Owner));
+    assert_eq!(
+        g.deliveries.len(),
+        4,
+        "the CREATED event reaches every member device"
+    );
+    let out = s
+        .post_message(group_post(&bob[0], gid, "hi"))
+        .await
+        .expect("post");
+    let PostOutcome::Stored {
+        seq: 2, deliveries, ..
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    let mut targets: Vec<DeviceId> = deliveries.iter().map(|d| d.device).collect();
+    targets.sort();
+    assert_eq!(
+        targets,
+        vec![alice[0].device_id, alice[1].device_id, carol[0].device_id],
+        "all but the sending device"
+    );
+    let bodies: Vec<*const u8> = deliveries
+        .iter()
+        .map(|d| match &d.entry.item {
+            MailboxItem::Message(m) => m.body.as_ptr(),
+            MailboxItem::Receipt(_) => std::ptr::null(),
+        })
+        .collect();
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "one body shared by every delivery"
+    );
+    assert_eq!(
+        kinds_of(s, carol[0].device_id).await,
+        vec![(1, MessageKind::System), (2, MessageKind::User)]
+    );
+    // Devices addressed explicitly, or non-members posting: refused, nothing stored.
+    let mut bad = group_post(&bob[0], gid, "x");
+    bad.devices.push(AddressedDevice {
+        device: carol[0].device_id,
+        body: None,
+    });
+    assert!(matches!(
+        s.post_message(bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let dave = user(s, "dave", 1).await;
+    assert_eq!(
+        s.post_message(group_post(&dave[0], gid, "x")).await,
+        Err(StoreError::NotFound("group"))
+    );
+    assert_eq!(
+        s.group(gid).await.expect("group").expect("exists").last_seq,
+        2
+    );
+    // Idempotent like direct messages.
+    let again = s
+        .post_message(group_post(&bob[0], gid, "hi"))
+        .await
+        .expect("retry");
+    assert!(matches!(again, PostOutcome::Duplicate { seq: 2, .. }));
+}
+
+async fn membership_bounds_what_members_see(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let carol = user(s, "carol", 1).await;
+    let gid = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id]))
+        .await
+        .expect("create")
+        .group
+        .id;
+    s.post_message(group_post(&alice[0], gid, "before carol"))
+        .await
+        .expect("post"); // 2
+    let added = s
+        .change_group(
+            alice[0].clone(),
+            gid,
+            GroupOp::Add(vec![carol[0].user_id]),
+            5,
+            30,
+        )
+        .await
+        .expect("add"); // 3
+    assert_eq!(
+        added
+            .group
+            .members
+            .iter()
+            .find(|m| m.user.id == carol[0].user_id)
+            .map(|m| m.joined_seq),
+        Some(3)
+    );
+    s.post_message(group_post(&alice[0], gid, "with carol"))
+        .await
+        .expect("post"); // 4
+    s.change_group(
+        alice[0].clone(),
+        gid,
+        GroupOp::Remove(bob[0].user_id),
+        5,
+        40,
+    )
+    .await
+    .expect("remove"); // 5
+    s.post_message(group_post(&alice[0], gid, "after bob"))
+        .await
+        .expect("post"); // 6
+    let seqs = |v: Vec<(u64, MessageKind)>| v.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(kinds_of(s, carol[0].device_id).await),
+        vec![3, 4, 5, 6],
+        "nothing before joining"
+    );
+    assert_eq!(
+        seqs(kinds_of(s, bob[0].device_id).await),
+        vec![1, 2, 3, 4, 5],
+        "its own removal, nothing after"
+    );
+    // A removed member can no longer post, read or change anything.
+    assert_eq!(
+        s.post_message(group_post(&bob[0], gid, "x")).await,
+        Err(StoreError::NotFound("group"))
+    );
+    assert_eq!(
+        s.mark_read(bob[0].clone(), Target::Group(gid), 2, 1).await,
+        Err(StoreError::NotFound("group"))
+    );
+    assert_eq!(
+        s.change_group(
+            bob[0].clone(),
+            gid,
+            GroupOp::Add(vec![bob[0].user_id]),
+            5,
+            1
+        )
+        .await,
+        Err(StoreError::NotFound("group"))
+    );
+    // A new device of a member receives group messages from then on.
+    let carol2 = s
+        .create_device(carol[0].user_id, "two", b"carol-2", 16, 50)
+        .await
+        .expect("device");
+    s.post_message(group_post(&alice[0], gid, "to both carols"))
+        .await
+        .expect("post"); // 7
+    assert_eq!(seqs(kinds_of(s, carol2).await), vec![7]);
+}
+
+async fn group_rights_and_limits(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let carol = user(s, "carol", 1).await;
+    let others: Vec<DeviceAuth> = [
+        user(s, "d1", 1).await,
+        user(s, "d2", 1).await,
+        user(s, "d3", 1).await,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let gid = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id]))
+        .await
+        .expect("create")
+        .group
+        .id;
+    let last = || async { s.group(gid).await.expect("group").expect("exists").last_seq };
+    let before = last().await;
+    let refused = [
+        (bob[0].clone(), GroupOp::Add(vec![carol[0].user_id])),
+        (
+            bob[0].clone(),
+            GroupOp::Update {
+                name: Some("mine".into()),
+                members_can_add: None,
+            },
+        ),
+        (bob[0].clone(), GroupOp::Promote(bob[0].user_id)),
+        (bob[0].clone(), GroupOp::Remove(alice[0].user_id)),
+    ];
+    for (who, op) in refused {
+        let r = s.change_group(who, gid, op.clone(), 5, 1).await;
+        assert!(
+            matches!(
+                r,
+                Err(StoreError::Forbidden(_)) | Err(StoreError::Invalid(_))
+            ),
+            "{op:?}: {r:?}"
+        );
+    }
+    assert_eq!(last().await, before, "refusals change nothing");
+    // Letting members add.
+    s.change_group(
+        alice[0].clone(),
+        gid,
+        GroupOp::Update {
+            name: None,
+            members_can_add: Some(true),
+        },
+        5,
+        1,
+    )
+    .await
+    .expect("setting");
+    s.change_group(
+        bob[0].clone(),
+        gid,
+        GroupOp::Add(vec![carol[0].user_id]),
+        5,
+        1,
+    )
+    .await
+    .expect("member adds");
+    // The limit of 5 members: 3 now, adding 3 more is refused whole.
+    let three: Vec<UserId> = others.iter().map(|d| d.user_id).collect();
+    assert_eq!(
+        s.change_group(alice[0].clone(), gid, GroupOp::Add(three.clone()), 5, 1)
+            .await,
+        Err(StoreError::GroupFull(5))
+    );
+    assert_eq!(
+        s.group(gid)
+            .await
+            .expect("group")
+            .expect("exists")
+            .members
+            .len(),
+        3
+    );
+    s.change_group(
+        alice[0].clone(),
+        gid,
+        GroupOp::Add(three[..2].to_vec()),
+        5,
+        1,
+    )
+    .await
+    .expect("fits");
+    // Promote, demote, owner protections, owner leaving hands over.
+    s.change_group(
+        alice[0].clone(),
+        gid,
+        GroupOp::Promote(bob[0].user_id),
+        5,
+        1,
+    )
+    .await
+    .expect("promote");
+    assert!(matches!(
+        s.change_group(bob[0].clone(), gid, GroupOp::Demote(alice[0].user_id), 5, 1)
+            .await,
+        Err(StoreError::Forbidden(_))
+    ));
+    s.change_group(bob[0].clone(), gid, GroupOp::Remove(carol[0].user_id), 5, 1)
+        .await
+        .expect("admin removes");
+    let left = s
+        .change_group(alice[0].clone(), gid, GroupOp::Leave, 5, 1)
+        .await
+        .expect("leave");
+    assert_eq!(
+        left.group.role_of(bob[0].user_id),
+        Some(Role::Owner),
+        "the longest-standing admin inherits"
+    );
+    assert_eq!(left.group.role_of(alice[0].user_id), None);
+    let names: Vec<GroupId> = s
+        .groups_of(bob[0].user_id, 10)
+        .await
+        .expect("groups")
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(names, vec![gid]);
+    assert!(
+        s.groups_of(alice[0].user_id, 10)
+            .await
+            .expect("groups")
+            .is_empty()
+    );
+}
+
+async fn group_receipts_and_message_info(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let carol = user(s, "carol", 1).await;
+    let gid = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id, carol[0].user_id]))
+        .await
+        .expect("create")
+        .group
+        .id;
+    s.post_message(group_post(&alice[0], gid, "m"))
+        .await
+        .expect("post"); // seq 2
+    let info = s.message_info(gid, 2).await.expect("info").expect("exists");
+    assert_eq!(info.sender, alice[0].user_id);
+    assert!(info.members.iter().all(|m| !m.delivered && !m.read) && info.members.len() == 2);
+    // Bob's device acknowledges: alice hears "bob delivered 2", but not yet "all delivered".
+    let r = s.ack(bob[0].clone(), 2, 5).await.expect("ack");
+    let rec = match &r[..] {
+        [d] if d.device == alice[0].device_id => match &d.entry.item {
+            MailboxItem::Receipt(r) => r.clone(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (rec.reader, rec.up_to_seq, rec.all_delivered_up_to),
+        (bob[0].user_id, 2, 0)
+    );
+    let r = s.ack(carol[0].clone(), 2, 6).await.expect("ack");
+    let all = r.iter().find_map(|d| match &d.entry.item {
+        MailboxItem::Receipt(r) => Some(r.all_delivered_up_to),
+        _ => None,
+    });
+    assert_eq!(all, Some(2), "delivered to all");
+    let r = s
+        .mark_read(bob[0].clone(), Target::Group(gid), 2, 7)
+        .await
+        .expect("read");
+    assert!(r.iter().any(|d| d.device == alice[0].device_id));
+    let info = s.message_info(gid, 2).await.expect("info").expect("exists");
+    let bob_state = info
+        .members
+        .iter()
+        .find(|m| m.user.id == bob[0].user_id)
+        .expect("bob");
+    assert!(bob_state.delivered && bob_state.read);
+    let carol_state = info
+        .members
+        .iter()
+        .find(|m| m.user.id == carol[0].user_id)
+        .expect("carol");
+    assert!(carol_state.delivered && !carol_state.read);
+    assert_eq!(
+        s.message_info(gid, 1).await.expect("info"),
+        None,
+        "system messages have no info"
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -498,7 +896,11 @@ macro_rules! conformance {
                 read_receipts_are_watermarks,
                 removing_a_device_empties_its_mailbox,
                 concurrent_posts_share_one_order,
-                last_seen_and_privacy);
+                last_seen_and_privacy,
+                groups_fan_out_one_body_in_one_order,
+                membership_bounds_what_members_see,
+                group_rights_and_limits,
+                group_receipts_and_message_info);
         }
     };
     (@tests $make:expr; $($name:ident),*) => {

@@ -3,12 +3,13 @@
 
 mod accounts;
 pub mod extract;
+mod groups;
 mod users;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 
 use crate::app::AppState;
 
@@ -28,6 +29,19 @@ pub fn router(state: AppState) -> Router {
             "/v1/settings/privacy",
             get(users::get_privacy).put(users::put_privacy),
         )
+        .route("/v1/groups", post(groups::create).get(groups::list))
+        .route("/v1/groups/{id}", get(groups::get).patch(groups::update))
+        .route("/v1/groups/{id}/members", post(groups::add_members))
+        .route(
+            "/v1/groups/{id}/members/{username}",
+            delete(groups::remove_member),
+        )
+        .route("/v1/groups/{id}/leave", post(groups::leave))
+        .route(
+            "/v1/groups/{id}/admins/{username}",
+            put(groups::promote).delete(groups::demote),
+        )
+        .route("/v1/groups/{id}/messages/{seq}", get(groups::message_info))
         .route("/v1/ws", get(crate::gateway::upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

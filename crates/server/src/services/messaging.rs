@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tern_proto::frames::{self, peer};
 use tern_proto::{ErrorCode, Limits, validate};
-use tern_store::{AddressedDevice, DeviceAuth, NewMessage, PostOutcome, Store, UserId};
+use tern_store::{AddressedDevice, DeviceAuth, NewMessage, PostOutcome, Store, Target};
 
 use crate::error::ApiError;
 use crate::router::Router;
@@ -28,9 +28,10 @@ pub struct SendReceipt {
     pub duplicate: bool,
 }
 
-fn peer_user(p: Option<&frames::Peer>) -> Result<UserId, ApiError> {
+fn target(p: Option<&frames::Peer>) -> Result<Target, ApiError> {
     match p.and_then(|p| p.kind) {
-        Some(peer::Kind::User(id)) => Ok(id),
+        Some(peer::Kind::User(id)) => Ok(Target::User(id)),
+        Some(peer::Kind::Group(id)) => Ok(Target::Group(id)),
         None => Err(ApiError::bad_request("a conversation (peer) is required")),
     }
 }
@@ -57,7 +58,7 @@ impl Messaging {
         send: frames::Send,
     ) -> Result<SendReceipt, ApiError> {
         validate::client_msg_id(&send.client_msg_id).map_err(ApiError::bad_request)?;
-        let recipient = peer_user(send.to.as_ref())?;
+        let to = target(send.to.as_ref())?;
         let too_large = |n: usize| {
             ApiError::new(
                 ErrorCode::TooLarge,
@@ -90,7 +91,7 @@ impl Messaging {
             .store
             .post_message(NewMessage {
                 sender: who.clone(),
-                recipient,
+                to,
                 client_msg_id: send.client_msg_id,
                 body: send.body,
                 devices,
@@ -135,13 +136,18 @@ impl Messaging {
     /// Marks the conversation read up to `up_to_seq`; read receipts go to the peer's devices and
     /// the reader's other devices.
     pub async fn read(&self, who: &DeviceAuth, read: frames::Read) -> Result<(), ApiError> {
-        let peer = peer_user(read.conversation.as_ref())?;
+        let conversation = target(read.conversation.as_ref())?;
         if read.up_to_seq == 0 {
             return Err(ApiError::bad_request("up_to_seq must be at least 1"));
         }
         let receipts = self
             .store
-            .mark_read(who.clone(), peer, read.up_to_seq, self.clock.now_ms())
+            .mark_read(
+                who.clone(),
+                conversation,
+                read.up_to_seq,
+                self.clock.now_ms(),
+            )
             .await?;
         self.router.deliver(&receipts);
         Ok(())

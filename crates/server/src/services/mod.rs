@@ -1,6 +1,7 @@
 //! Services: the messenger's behaviour on top of the store (truth) and the router (fast path).
 //! They take time from a [`Clock`] so that tests and the decision logic need no OS clock.
 
+pub mod groups;
 pub mod messaging;
 pub mod presence;
 

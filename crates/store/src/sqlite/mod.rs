@@ -10,7 +10,10 @@
 //! Reads go to a small pool of read-only connections (WAL lets them run beside the writer) on
 //! tokio's blocking threads.
 
-mod queries;
+mod accounts;
+mod cache;
+mod groups;
+mod messaging;
 mod schema;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +25,7 @@ use rusqlite::{Connection, OpenFlags, Transaction};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::*;
+use cache::WriterCache;
 
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -29,7 +33,7 @@ pub const MAX_BATCH: usize = 1024;
 const WRITE_QUEUE: usize = 8192;
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type WriteOp = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Completion) + Send>;
+type WriteOp = Box<dyn FnOnce(&Transaction<'_>, &mut WriterCache) -> (bool, Completion) + Send>;
 
 /// Options for [`SqliteStore::open`].
 #[derive(Debug, Clone)]
@@ -103,7 +107,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut WriterCache) -> Result<T, StoreError> + Send + 'static,
     {
         let sender = self
             .writes
@@ -112,8 +116,8 @@ impl SqliteStore {
             .clone()
             .ok_or(StoreError::Closed)?;
         let (done_tx, done_rx) = oneshot::channel();
-        let op: WriteOp = Box::new(move |txn| {
-            let result = f(txn);
+        let op: WriteOp = Box::new(move |txn, cache| {
+            let result = f(txn, cache);
             let ok = result.is_ok();
             let completion: Completion = Box::new(move |commit| {
                 let _ = done_tx.send(commit.and(result));
@@ -157,6 +161,7 @@ impl SqliteStore {
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(MAX_BATCH);
+    let mut cache = WriterCache::default();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -166,7 +171,11 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
             }
         }
         let started = std::time::Instant::now();
-        let (commit, completions) = run_batch(&mut conn, &mut batch);
+        let (commit, completions) = run_batch(&mut conn, &mut cache, &mut batch);
+        if commit.is_err() {
+            // The cache may hold state of the rolled-back batch.
+            cache.clear();
+        }
         metrics::histogram!("tern_store_commit_batch_size").record(completions.len() as f64);
         metrics::histogram!("tern_store_commit_seconds").record(started.elapsed().as_secs_f64());
         for done in completions {
@@ -181,6 +190,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
 
 fn run_batch(
     conn: &mut Connection,
+    cache: &mut WriterCache,
     batch: &mut Vec<WriteOp>,
 ) -> (Result<(), StoreError>, Vec<Completion>) {
     let mut completions = Vec::with_capacity(batch.len());
@@ -198,10 +208,12 @@ fn run_batch(
         if let Err(e) = txn.execute_batch("SAVEPOINT op") {
             tracing::error!(error = %e, "savepoint failed");
         }
-        let (ok, done) = op(&txn);
+        let (ok, done) = op(&txn, cache);
         let end = if ok {
             "RELEASE op"
         } else {
+            // A failed write may have loaded state that it then rolled back.
+            cache.clear();
             "ROLLBACK TO op; RELEASE op"
         };
         if let Err(e) = txn.execute_batch(end) {
@@ -225,13 +237,13 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<UserId, StoreError> {
         let (u, h) = (username.to_owned(), hash.to_owned());
-        self.write(move |t| queries::create_user(t, &u, &h, now))
+        self.write(move |t, _| accounts::create_user(t, &u, &h, now))
             .await
     }
 
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let u = username.to_owned();
-        self.read(move |c| queries::user_by_name(c, &u)).await
+        self.read(move |c| accounts::user_by_name(c, &u)).await
     }
 
     async fn create_device(
@@ -243,42 +255,50 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<DeviceId, StoreError> {
         let (n, h) = (name.to_owned(), token_hash.to_owned());
-        self.write(move |t| queries::create_device(t, user, &n, &h, max_devices, now))
-            .await
+        self.write(move |t, cache| {
+            cache.clear();
+            accounts::create_device(t, user, &n, &h, max_devices, now)
+        })
+        .await
     }
 
     async fn device_by_token(&self, token_hash: &[u8]) -> Result<Option<DeviceAuth>, StoreError> {
         let h = token_hash.to_owned();
-        self.read(move |c| queries::device_by_token(c, &h)).await
+        self.read(move |c| accounts::device_by_token(c, &h)).await
     }
 
     async fn list_devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.read(move |c| queries::list_devices(c, user)).await
+        self.read(move |c| accounts::list_devices(c, user)).await
     }
 
     async fn remove_device(&self, user: UserId, device: DeviceId) -> Result<(), StoreError> {
-        self.write(move |t| queries::remove_device(t, user, device))
-            .await
+        self.write(move |t, cache| {
+            cache.clear();
+            accounts::remove_device(t, user, device)
+        })
+        .await
     }
 
     async fn set_last_seen_privacy(&self, user: UserId, v: Visibility) -> Result<(), StoreError> {
-        self.write(move |t| queries::set_privacy(t, user, v)).await
+        self.write(move |t, _| accounts::set_privacy(t, user, v))
+            .await
     }
 
     async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool, StoreError> {
-        self.read(move |c| queries::are_contacts(c, a, b)).await
+        self.read(move |c| accounts::are_contacts(c, a, b)).await
     }
 
     async fn save_last_seen(&self, batch: Vec<LastSeenUpdate>) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.write(move |t| queries::save_last_seen(t, &batch))
+        self.write(move |t, _| accounts::save_last_seen(t, &batch))
             .await
     }
 
     async fn post_message(&self, post: NewMessage) -> Result<PostOutcome, StoreError> {
-        self.write(move |t| queries::post_message(t, &post)).await
+        self.write(move |t, cache| messaging::post_message(t, cache, &post))
+            .await
     }
 
     async fn mailbox_after(
@@ -287,7 +307,7 @@ impl Store for SqliteStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<MailboxEntry>, StoreError> {
-        self.read(move |c| queries::mailbox_after(c, device, after, limit))
+        self.read(move |c| messaging::mailbox_after(c, device, after, limit))
             .await
     }
 
@@ -297,17 +317,58 @@ impl Store for SqliteStore {
         up_to: u64,
         now: i64,
     ) -> Result<Vec<Delivery>, StoreError> {
-        self.write(move |t| queries::ack(t, &who, up_to, now)).await
+        self.write(move |t, _| messaging::ack(t, &who, up_to, now))
+            .await
     }
 
     async fn mark_read(
         &self,
         who: DeviceAuth,
-        peer: UserId,
+        conversation: Target,
         up_to_seq: u64,
         now: i64,
     ) -> Result<Vec<Delivery>, StoreError> {
-        self.write(move |t| queries::mark_read(t, &who, peer, up_to_seq, now))
+        self.write(move |t, _| messaging::mark_read(t, &who, conversation, up_to_seq, now))
+            .await
+    }
+
+    async fn create_group(&self, group: NewGroup) -> Result<GroupChange, StoreError> {
+        self.write(move |t, cache| groups::create_group(t, cache, group))
+            .await
+    }
+
+    async fn change_group(
+        &self,
+        actor: DeviceAuth,
+        group: GroupId,
+        op: GroupOp,
+        max_members: usize,
+        now: i64,
+    ) -> Result<GroupChange, StoreError> {
+        self.write(move |t, cache| {
+            groups::change_group(t, cache, &actor, group, op, max_members, now)
+        })
+        .await
+    }
+
+    async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.read(move |c| groups::group(c, group)).await
+    }
+
+    async fn groups_of(
+        &self,
+        user: UserId,
+        limit: usize,
+    ) -> Result<Vec<GroupSummaryRecord>, StoreError> {
+        self.read(move |c| groups::groups_of(c, user, limit)).await
+    }
+
+    async fn message_info(
+        &self,
+        group: GroupId,
+        seq: u64,
+    ) -> Result<Option<MessageInfoRecord>, StoreError> {
+        self.read(move |c| groups::message_info(c, group, seq))
             .await
     }
 

@@ -6,7 +6,8 @@ use rusqlite::Connection;
 use crate::StoreError;
 
 const MIGRATIONS: &[&str] = &[
-    // 1: accounts, devices, direct conversations, messages, mailboxes, receipts.
+    // 1: accounts, devices, conversations (direct and group), groups and members, messages,
+    //    mailboxes, receipts.
     r#"
     CREATE TABLE users (
         id                 INTEGER PRIMARY KEY,
@@ -26,20 +27,41 @@ const MIGRATIONS: &[&str] = &[
         next_mseq   INTEGER NOT NULL DEFAULT 1
     );
     CREATE INDEX devices_by_user ON devices(user_id);
-    -- A direct conversation is identified by its ordered pair of users.
+    -- kind 0 = direct, identified by its ordered pair of users; kind 1 = group (no pair; its id
+    -- is the group id).
     CREATE TABLE conversations (
         id        INTEGER PRIMARY KEY,
-        user_lo   INTEGER NOT NULL REFERENCES users(id),
-        user_hi   INTEGER NOT NULL REFERENCES users(id),
+        kind      INTEGER NOT NULL DEFAULT 0,
+        user_lo   INTEGER REFERENCES users(id),
+        user_hi   INTEGER REFERENCES users(id),
         next_seq  INTEGER NOT NULL DEFAULT 1,
         UNIQUE (user_lo, user_hi)
     );
     CREATE INDEX conversations_by_hi ON conversations(user_hi);
+    CREATE TABLE groups (
+        conversation_id  INTEGER PRIMARY KEY REFERENCES conversations(id),
+        name             TEXT NOT NULL,
+        members_can_add  INTEGER NOT NULL DEFAULT 0,
+        created_at       INTEGER NOT NULL
+    );
+    -- role 0 = member, 1 = admin, 2 = owner; joined_seq = the group seq of the event that
+    -- added the member (a member sees nothing before it). Leaving deletes the row; the group's
+    -- system messages keep the history.
+    CREATE TABLE members (
+        conversation_id  INTEGER NOT NULL,
+        user_id          INTEGER NOT NULL REFERENCES users(id),
+        role             INTEGER NOT NULL,
+        joined_seq       INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_by_user ON members(user_id);
     -- body is NULL once every addressed device has acknowledged (pending = 0): the server keeps
     -- the metadata for idempotent retries, not the content.
+    -- kind 0 = a user's message (opaque body), 1 = a system message (an encoded GroupEvent).
     CREATE TABLE messages (
         conversation_id  INTEGER NOT NULL,
         seq              INTEGER NOT NULL,
+        kind             INTEGER NOT NULL DEFAULT 0,
         sender_user      INTEGER NOT NULL,
         sender_device    INTEGER NOT NULL,
         client_msg_id    TEXT NOT NULL,
@@ -50,7 +72,8 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (sender_device, client_msg_id)
     ) WITHOUT ROWID;
     -- kind 1 = message (seq = message seq, body = per-device body or NULL),
-    -- kind 2 = delivered receipt, 3 = read receipt (seq = watermark, reader = reading user).
+    -- kind 2 = delivered receipt, 3 = read receipt (seq = watermark, reader = reading user,
+    -- all_delivered / all_read = the receiving user's ticks at that moment).
     CREATE TABLE mailbox (
         device_id        INTEGER NOT NULL,
         mseq             INTEGER NOT NULL,
@@ -59,6 +82,8 @@ const MIGRATIONS: &[&str] = &[
         seq              INTEGER NOT NULL,
         reader           INTEGER,
         body             BLOB,
+        all_delivered    INTEGER,
+        all_read         INTEGER,
         ts               INTEGER NOT NULL,
         PRIMARY KEY (device_id, mseq)
     ) WITHOUT ROWID;
