@@ -53,11 +53,17 @@ pub enum Command {
     /// Show who this profile is logged in as.
     Whoami,
     /// Send a text message and wait for the server's tick.
+    #[command(override_usage = "tern send USER TEXT\n       tern send --group GROUP TEXT")]
     Send {
-        /// Recipient username (your own for a note to self).
-        user: String,
+        /// Recipient username (your own for a note to self); with --group, the text.
+        #[arg(value_name = "USER")]
+        first: String,
         /// The message text.
-        text: String,
+        #[arg(value_name = "TEXT")]
+        text: Option<String>,
+        /// Send to this group (id, or its exact name) instead of a user.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
     },
     /// Connect, fetch and store everything waiting, print it, acknowledge it, exit.
     Sync,
@@ -67,11 +73,21 @@ pub enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Mark the conversation with USER read.
-    Read { user: String },
-    /// Show the conversation with USER.
+    /// Mark the conversation with USER (or --group GROUP) read.
+    Read {
+        #[arg(required_unless_present = "group")]
+        user: Option<String>,
+        /// Mark this group (id or exact name) read instead.
+        #[arg(long, value_name = "GROUP", conflicts_with = "user")]
+        group: Option<String>,
+    },
+    /// Show the conversation with USER (or --group GROUP).
     History {
-        user: String,
+        #[arg(required_unless_present = "group")]
+        user: Option<String>,
+        /// Show this group (id or exact name) instead.
+        #[arg(long, value_name = "GROUP", conflicts_with = "user")]
+        group: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// Do not sync with the server first.
@@ -97,6 +113,57 @@ pub enum Command {
     Privacy {
         #[command(subcommand)]
         setting: Option<PrivacySetting>,
+    },
+    /// Create and manage groups. GROUP is a group id, or a group's exact name.
+    Group {
+        #[command(subcommand)]
+        action: GroupCommand,
+    },
+    /// List my groups.
+    Groups,
+    /// Who has delivered and read one of my group messages.
+    Info {
+        /// GROUP/SEQ (e.g. 12/5), or the client_msg_id of a message I sent.
+        message: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group with me as its owner; prints its id.
+    Create {
+        name: String,
+        /// First members besides me: usernames, comma-separated (or repeated).
+        #[arg(long, value_delimiter = ',', value_name = "USERS")]
+        members: Vec<String>,
+        /// Let every member add members (default: admins only).
+        #[arg(long)]
+        members_can_add: bool,
+    },
+    /// Add members.
+    Add {
+        group: String,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove a member (admins).
+    Remove { group: String, user: String },
+    /// Leave a group.
+    Leave { group: String },
+    /// Make a member an admin (admins).
+    Promote { group: String, user: String },
+    /// Make an admin a plain member (admins).
+    Demote { group: String, user: String },
+    /// Rename a group (admins).
+    Rename { group: String, name: String },
+    /// Show a group's settings and members.
+    Info { group: String },
+    /// Change a group's settings (admins).
+    Settings {
+        group: String,
+        /// Whether every member may add members.
+        #[arg(long, action = clap::ArgAction::Set, value_name = "true|false")]
+        members_can_add: bool,
     },
 }
 
@@ -156,6 +223,75 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("3 days").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn group_forms_parse() {
+        let cli = Cli::try_parse_from(["tern", "send", "--group", "12", "hi all"]).expect("parse");
+        match cli.command {
+            Command::Send { first, text, group } => {
+                assert_eq!(
+                    (first.as_str(), text, group.as_deref()),
+                    ("hi all", None, Some("12"))
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["tern", "send", "bob", "hi"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Send {
+                group: None,
+                text: Some(_),
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["tern", "group", "create", "Fam", "--members", "a1b,c2d"])
+            .expect("parse");
+        match cli.command {
+            Command::Group {
+                action:
+                    GroupCommand::Create {
+                        members,
+                        members_can_add,
+                        ..
+                    },
+            } => {
+                assert_eq!(members, ["a1b", "c2d"]);
+                assert!(!members_can_add);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "tern",
+            "group",
+            "settings",
+            "12",
+            "--members-can-add",
+            "true",
+        ])
+        .expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Group {
+                action: GroupCommand::Settings {
+                    members_can_add: true,
+                    ..
+                }
+            }
+        ));
+        assert!(Cli::try_parse_from(["tern", "group", "settings", "12"]).is_err());
+        assert!(Cli::try_parse_from(["tern", "read"]).is_err());
+        assert!(Cli::try_parse_from(["tern", "read", "bob", "--group", "1"]).is_err());
+        let cli = Cli::try_parse_from(["tern", "history", "--group", "1"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::History {
+                user: None,
+                group: Some(_),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! (every object has a `type`). Results go to stdout; in human mode, progress (connection
 //! state) and errors go to stderr so that stdout stays the data. Write errors (a closed pipe)
 //! are ignored rather than turned into panics.
+//!
+//! Conversations print as the peer's username, or for groups as the group id (the SDK's
+//! `conversation` string) with the id again as a number in `group`; a message's author is
+//! always `from`. Group-only output (group info, lists, message info) is in `output/groups.rs`.
+
+mod groups;
 
 use std::io::Write;
 
@@ -95,12 +101,23 @@ impl Printer {
             let mut v = json!({
                 "type": "message", "conversation": m.conversation, "seq": m.seq, "from": m.from,
                 "text": m.text, "sent_at": m.sent_at_ms, "outgoing": m.outgoing,
-                "client_msg_id": m.client_msg_id,
+                "client_msg_id": m.client_msg_id, "system": m.is_system(),
             });
             if let Some(status) = m.status {
                 v["status"] = json!(status.as_str());
             }
+            if let Some(g) = m.group {
+                v["group"] = json!(g);
+                v["group_name"] = json!(m.group_name);
+            }
+            if let Some(change) = &m.system {
+                v["event"] = serde_json::to_value(change).unwrap_or_else(|_| json!({}));
+            }
             self.line(&v);
+        } else if m.is_system() {
+            let seq = m.seq.map_or_else(|| "-".to_owned(), |s| format!("#{s}"));
+            let when = m.sent_at_ms.map_or_else(String::new, format_time);
+            self.text(&format!("[{} {seq} {when}] * {}", conv_label(m), m.text));
         } else {
             let seq = m.seq.map_or_else(|| "-".to_owned(), |s| format!("#{s}"));
             let when = m
@@ -112,17 +129,34 @@ impl Printer {
                 .unwrap_or_default();
             self.text(&format!(
                 "[{} {seq} {when}] {}: {}{tick}",
-                m.conversation, m.from, m.text
+                conv_label(m),
+                m.from,
+                m.text
             ));
         }
     }
 
     pub fn receipt(&self, r: &ReceiptEvent) {
         if self.json {
-            self.line(&json!({
+            let mut v = json!({
                 "type": "receipt", "conversation": r.conversation, "reader": r.reader,
                 "kind": r.kind.as_str(), "seq": r.up_to_seq, "sent_at": r.server_ts_ms,
-            }));
+                "all_delivered_up_to": r.all_delivered_up_to, "all_read_up_to": r.all_read_up_to,
+            });
+            if let Some(g) = r.group {
+                v["group"] = json!(g);
+            }
+            self.line(&v);
+        } else if r.group.is_some() {
+            self.text(&format!(
+                "[group {}] {} {} up to #{}; delivered to all up to #{}, read by all up to #{}",
+                r.conversation,
+                r.reader,
+                r.kind.as_str(),
+                r.up_to_seq,
+                r.all_delivered_up_to,
+                r.all_read_up_to
+            ));
         } else {
             let tick = match r.kind {
                 tern_client::ReceiptKind::Delivered => tick_label(Tick::Delivered),
@@ -140,14 +174,21 @@ impl Printer {
 
     pub fn sent(&self, s: &SentMessage) {
         if self.json {
-            self.line(&json!({
+            let mut v = json!({
                 "type": "sent", "conversation": s.conversation, "seq": s.seq,
                 "client_msg_id": s.client_msg_id, "sent_at": s.server_ts_ms, "status": "sent",
-            }));
+            });
+            if let Some(g) = s.group {
+                v["group"] = json!(g);
+            }
+            self.line(&v);
         } else {
+            let conversation = match s.group {
+                Some(id) => format!("group {id}"),
+                None => s.conversation.clone(),
+            };
             self.text(&format!(
-                "[{} #{} {}] {}",
-                s.conversation,
+                "[{conversation} #{} {}] {}",
                 s.seq,
                 format_time(s.server_ts_ms),
                 tick_label(Tick::Sent)
@@ -155,9 +196,13 @@ impl Printer {
         }
     }
 
-    pub fn read(&self, conversation: &str, seq: Option<u64>) {
+    pub fn read(&self, conversation: &str, group: Option<u64>, seq: Option<u64>) {
         if self.json {
-            self.line(&json!({"type": "read", "conversation": conversation, "seq": seq}));
+            let mut v = json!({"type": "read", "conversation": conversation, "seq": seq});
+            if let Some(g) = group {
+                v["group"] = json!(g);
+            }
+            self.line(&v);
         } else {
             match seq {
                 Some(s) => self.text(&format!("[{conversation}] marked read up to #{s}")),
@@ -278,6 +323,15 @@ fn error_code(e: &anyhow::Error) -> &'static str {
         return c.code_str();
     }
     "error"
+}
+
+/// How a message's conversation is shown to people: the peer, or `Name (id)` for a group.
+fn conv_label(m: &StoredMessage) -> String {
+    match (m.group, m.group_name.as_deref()) {
+        (Some(id), Some(name)) if !name.is_empty() => format!("{name} ({id})"),
+        (Some(id), _) => format!("group {id}"),
+        (None, _) => m.conversation.clone(),
+    }
 }
 
 fn tick_label(t: Tick) -> &'static str {

@@ -325,13 +325,15 @@ impl Client {
         Ok(())
     }
 
-    /// The last `limit` messages with `username`, ordered by seq (pending ones last). Local.
+    /// The last `limit` messages of the direct conversation with `username`, ordered by seq
+    /// (pending ones last). Local. For a group, see [`group_history`](Client::group_history).
     pub fn history(&self, username: &str, limit: usize) -> Result<Vec<StoredMessage>, Error> {
         let username = normalize_username(username)?;
         self.inner.store.history(&username, limit)
     }
 
-    /// My last `limit` outgoing messages (from any of my devices) with their ticks. Local.
+    /// My last `limit` outgoing messages (from any of my devices; direct and group) with their
+    /// ticks. Local.
     pub fn sent_status(&self, limit: usize) -> Result<Vec<StoredMessage>, Error> {
         self.inner.store.sent_status(limit)
     }

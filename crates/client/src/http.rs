@@ -1,4 +1,4 @@
-//! The HTTP half of the protocol (accounts, sessions, devices, users, settings): thin typed
+//! The HTTP half of the protocol (accounts, sessions, devices, users, settings, groups): thin typed
 //! calls over `reqwest`, with the server's `{"error": {...}}` bodies mapped to
 //! [`Error::Server`] so callers see the protocol's [`ErrorCode`].
 
@@ -9,8 +9,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tern_proto::ErrorCode;
 use tern_proto::http::{
-    DeviceInfo, DevicesResponse, ErrorBody, LastSeenResponse, LoginRequest, LoginResponse,
-    PrivacySettings, RegisterRequest, RegisterResponse, UserDevicesResponse,
+    AddMembersRequest, CreateGroupRequest, DeviceInfo, DevicesResponse, ErrorBody, GroupInfo,
+    GroupSummary, GroupsResponse, LastSeenResponse, LoginRequest, LoginResponse, MessageInfo,
+    PrivacySettings, RegisterRequest, RegisterResponse, UpdateGroupRequest, UserDevicesResponse,
 };
 
 use crate::error::Error;
@@ -116,6 +117,93 @@ impl Http {
             settings,
         ))
         .await
+    }
+}
+
+/// The group calls (PROTOCOL.md §2 and §7). Usernames must already be validated (they go
+/// into paths).
+impl Http {
+    pub async fn create_group(
+        &self,
+        token: &str,
+        req: &CreateGroupRequest,
+    ) -> Result<GroupInfo, Error> {
+        json(send_json(
+            self.request(Method::POST, "/v1/groups", Some(token)),
+            req,
+        ))
+        .await
+    }
+
+    pub async fn groups(&self, token: &str) -> Result<Vec<GroupSummary>, Error> {
+        let r: GroupsResponse = json(self.request(Method::GET, "/v1/groups", Some(token))).await?;
+        Ok(r.groups)
+    }
+
+    pub async fn group(&self, token: &str, id: u64) -> Result<GroupInfo, Error> {
+        let path = format!("/v1/groups/{id}");
+        json(self.request(Method::GET, &path, Some(token))).await
+    }
+
+    pub async fn update_group(
+        &self,
+        token: &str,
+        id: u64,
+        req: &UpdateGroupRequest,
+    ) -> Result<GroupInfo, Error> {
+        let path = format!("/v1/groups/{id}");
+        json(send_json(
+            self.request(Method::PATCH, &path, Some(token)),
+            req,
+        ))
+        .await
+    }
+
+    pub async fn add_members(
+        &self,
+        token: &str,
+        id: u64,
+        members: Vec<String>,
+    ) -> Result<GroupInfo, Error> {
+        let path = format!("/v1/groups/{id}/members");
+        json(send_json(
+            self.request(Method::POST, &path, Some(token)),
+            &AddMembersRequest { members },
+        ))
+        .await
+    }
+
+    pub async fn remove_member(
+        &self,
+        token: &str,
+        id: u64,
+        username: &str,
+    ) -> Result<GroupInfo, Error> {
+        let path = format!("/v1/groups/{id}/members/{username}");
+        json(self.request(Method::DELETE, &path, Some(token))).await
+    }
+
+    pub async fn leave_group(&self, token: &str, id: u64) -> Result<(), Error> {
+        let path = format!("/v1/groups/{id}/leave");
+        empty(self.request(Method::POST, &path, Some(token))).await
+    }
+
+    /// Promotes (`admin == true`, PUT) or demotes (DELETE) a member.
+    pub async fn set_admin(
+        &self,
+        token: &str,
+        id: u64,
+        username: &str,
+        admin: bool,
+    ) -> Result<GroupInfo, Error> {
+        let path = format!("/v1/groups/{id}/admins/{username}");
+        let method = if admin { Method::PUT } else { Method::DELETE };
+        json(self.request(method, &path, Some(token))).await
+    }
+
+    pub async fn message_info(&self, token: &str, id: u64, seq: u64) -> Result<MessageInfo, Error> {
+        let path = format!("/v1/groups/{id}/messages/{seq}");
+        json(self.request(Method::GET, &path, Some(token))).await
     }
 }
 

@@ -9,7 +9,7 @@
 //!   ┌──────────────┼─────────────────────────────┐                          ▲
 //!   │ client.rs    │ outbox.rs (send + retry)    │── Event::Sent ───────────┤
 //!   │ accounts,    │ directory.rs (device lists) │                          │
-//!   │ connect/close│                             │                          │
+//!   │ connect/close│ groups.rs (group HTTP calls)│                          │
 //!   └──────┬───────┴──────────┬──────────────────┘                          │
 //!          │ http.rs (reqwest)│ Command{frame, reply} (bounded mpsc)        │
 //!          ▼                  ▼                                             │
@@ -20,6 +20,11 @@
 //!                      store/ (SQLite, WAL): session, history, outbox, ─────┘
 //!                      watermarks, mailbox cursor; UNIQUE(conversation, seq)
 //! ```
+//!
+//! - **Conversations** are direct (with a user, named by the peer's username) or groups (named
+//!   by the group id in decimal; usernames start with a letter, so the two never collide).
+//!   Both share one history, one outbox and one tick rule: the ticks of my messages come from
+//!   the receipts' `all_delivered_up_to` / `all_read_up_to` ("every other participant has …").
 //!
 //! - **Local store** (`store` module, `home/state.db`). The truth for the app:
 //!   the session (token and ids), every message (incoming, outgoing, sync copies from my other
@@ -40,8 +45,13 @@
 //!   caller retries on the next connection.
 //! - **Sending** (`outbox` module). [`Client::send_text`] writes the message to the outbox,
 //!   then retries with the same `client_msg_id` until `Sent` (idempotent on the server),
-//!   refreshing device lists on `device_mismatch`. After every `Welcome`, a watcher re-sends
-//!   whatever is left in the outbox, so a restarted client finishes what it started.
+//!   refreshing device lists on `device_mismatch`. [`Client::send_group_text`] is the same
+//!   without device addressing (the server fans group messages out). After every `Welcome`,
+//!   a watcher re-sends whatever is left in the outbox, so a restarted client finishes what it
+//!   started.
+//! - **Groups** (`groups` module): create, list, rename, members, admins, leave, message info
+//!   — plain HTTP calls. Membership changes arrive as system messages ([`GroupChange`]) in the
+//!   group's history, with a human `text` ("alice added bob").
 //! - **Event fan-out** (`events` module). A bounded broadcast channel; any number of
 //!   [`EventStream`]s. A subscriber that lags gets [`Event::Lagged`] and can re-read the store.
 //!
@@ -55,6 +65,8 @@ mod connection;
 mod directory;
 mod error;
 mod events;
+mod group_event;
+mod groups;
 mod http;
 mod outbox;
 mod store;
@@ -64,8 +76,12 @@ pub use client::Client;
 pub use config::ClientConfig;
 pub use error::Error;
 pub use events::{EVENT_CAPACITY, EventStream};
+pub use group_event::{GroupAction, GroupChange, GroupUser};
 pub use tern_proto::ErrorCode;
-pub use tern_proto::http::{DeviceInfo, LastSeenResponse, PrivacySettings, Visibility};
+pub use tern_proto::http::{
+    DeviceInfo, GroupInfo, GroupMember, GroupSummary, LastSeenResponse, MemberReceipt, MessageInfo,
+    PrivacySettings, Role, Visibility,
+};
 pub use types::{
     CloseReason, ConnectionState, Event, ReceiptEvent, ReceiptKind, SentMessage, Session,
     StoredMessage, Tick,

@@ -8,9 +8,13 @@
 //! message is stored once however often it is sent. Whatever is still in the outbox when a
 //! connection comes up (after a crash, a `close`, a timed-out caller) is delivered again by
 //! the outbox watcher started in `connect`.
+//!
+//! Group messages (`send_group_text`) take the same path without device addressing: the
+//! server fans the one body out to every member device, so `devices` is always empty and
+//! `device_mismatch` cannot legitimately happen (it is treated as a refusal).
 
 use tern_proto::ErrorCode;
-use tern_proto::frames::{self, Peer, client_frame};
+use tern_proto::frames::{self, client_frame};
 use tokio::sync::oneshot;
 
 use crate::backoff::Backoff;
@@ -18,7 +22,7 @@ use crate::client::{Client, lock, normalize_username};
 use crate::connection::{Answer, Command};
 use crate::directory::{self, addressed};
 use crate::error::Error;
-use crate::store::{OutboxItem, SavedSession};
+use crate::store::{Conv, OutboxItem, SavedSession};
 use crate::types::{CloseReason, ConnectionState, Event, SentMessage};
 
 /// `device_mismatch` answers in a row before retries start to back off (a device being added
@@ -55,6 +59,41 @@ impl Client {
     pub async fn send_text(&self, to_username: &str, text: &str) -> Result<SentMessage, Error> {
         let session = self.saved_session()?;
         let to = normalize_username(to_username)?;
+        self.check_sendable(text)?;
+        let peer_user = self.resolve_peer(&session, &to).await?;
+        let item = OutboxItem {
+            conv: Conv::Direct(peer_user),
+            conv_name: to,
+            client_msg_id: new_client_msg_id(),
+            body: text.as_bytes().to_vec(),
+        };
+        self.enqueue_and_deliver(session, item).await
+    }
+
+    /// Sends a text message to a group, like [`send_text`](Client::send_text): outbox first,
+    /// then retried until `Sent`. The server refuses it (`forbidden`, and the message is
+    /// marked failed) if I am not a member.
+    pub async fn send_group_text(&self, group_id: u64, text: &str) -> Result<SentMessage, Error> {
+        let session = self.saved_session()?;
+        self.check_sendable(text)?;
+        let name = self
+            .inner
+            .store
+            .run(move |s| s.group_name(group_id))
+            .await?
+            .unwrap_or_default();
+        let item = OutboxItem {
+            conv: Conv::Group(group_id),
+            conv_name: name,
+            client_msg_id: new_client_msg_id(),
+            body: text.as_bytes().to_vec(),
+        };
+        self.enqueue_and_deliver(session, item).await
+    }
+
+    /// Checks a text before it is stored: not empty, within the server's body limit, and a
+    /// connection task running to deliver it.
+    fn check_sendable(&self, text: &str) -> Result<(), Error> {
         if text.is_empty() {
             return Err(Error::Invalid("empty message".into()));
         }
@@ -72,13 +111,14 @@ impl Client {
                 other => Error::Closed(other),
             });
         }
-        let peer_user = self.resolve_peer(&session, &to).await?;
-        let item = OutboxItem {
-            peer_user,
-            peer_username: to,
-            client_msg_id: new_client_msg_id(),
-            body: text.as_bytes().to_vec(),
-        };
+        Ok(())
+    }
+
+    async fn enqueue_and_deliver(
+        &self,
+        session: SavedSession,
+        item: OutboxItem,
+    ) -> Result<SentMessage, Error> {
         let (me, it) = (session.clone(), item.clone());
         self.inner
             .store
@@ -131,7 +171,7 @@ impl Client {
             };
             let send = frames::Send {
                 client_msg_id: item.client_msg_id.clone(),
-                to: Some(Peer::user(item.peer_user)),
+                to: Some(item.conv.to_peer()),
                 body: item.body.clone(),
                 devices: devices
                     .into_iter()
@@ -145,9 +185,9 @@ impl Client {
                 Ok(Answer::Sent(s)) => return self.record_sent(session, item, s).await,
                 Ok(Answer::Error(e)) => {
                     let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
-                    if code == ErrorCode::DeviceMismatch {
+                    if let (ErrorCode::DeviceMismatch, Conv::Direct(peer)) = (code, item.conv) {
                         tracing::debug!(missing = ?e.missing_devices, extra = ?e.extra_devices, "device mismatch");
-                        lock(&self.inner.directory).invalidate(item.peer_user);
+                        lock(&self.inner.directory).invalidate(peer);
                         mismatches += 1;
                         if mismatches > MISMATCH_FREE_RETRIES {
                             tokio::time::sleep(backoff.next_delay()).await;
@@ -178,12 +218,13 @@ impl Client {
         s: frames::Sent,
     ) -> Result<SentMessage, Error> {
         let sent = SentMessage {
-            conversation: item.peer_username.clone(),
+            conversation: item.conv.public_name(&item.conv_name),
+            group: item.conv.group(),
             client_msg_id: item.client_msg_id.clone(),
             seq: s.seq,
             server_ts_ms: s.server_ts_ms,
         };
-        let (device, peer, to_store) = (session.device_id, item.peer_user, sent.clone());
+        let (device, peer, to_store) = (session.device_id, item.conv, sent.clone());
         self.inner
             .store
             .run(move |st| st.mark_sent(device, &to_store, peer))
@@ -210,22 +251,27 @@ impl Client {
         err
     }
 
-    /// The devices to address for `item`, from the cache or fetched.
+    /// The devices to address for `item`, from the cache or fetched. None for a group: the
+    /// server fans group messages out itself.
     async fn addressed_devices(
         &self,
         session: &SavedSession,
         item: &OutboxItem,
     ) -> Result<Vec<u64>, Error> {
-        let cached = lock(&self.inner.directory).cached(item.peer_user);
+        let peer_user = match item.conv {
+            Conv::Direct(peer) => peer,
+            Conv::Group(_) => return Ok(Vec::new()),
+        };
+        let cached = lock(&self.inner.directory).cached(peer_user);
         let (recipient, own) = match cached {
             Some(lists) => lists,
             None => {
                 let (user_id, recipient, own) =
-                    directory::fetch(&self.inner.http, &session.token, &item.peer_username).await?;
-                if user_id != item.peer_user {
+                    directory::fetch(&self.inner.http, &session.token, &item.conv_name).await?;
+                if user_id != peer_user {
                     return Err(Error::server(
                         ErrorCode::NotFound,
-                        format!("{} is another user now", item.peer_username),
+                        format!("{} is another user now", item.conv_name),
                     ));
                 }
                 let mut d = lock(&self.inner.directory);
@@ -282,11 +328,19 @@ impl Client {
         let session = self.saved_session()?;
         let name = normalize_username(username)?;
         let peer_user = self.resolve_peer(&session, &name).await?;
-        let (latest, read) = self
-            .inner
-            .store
-            .run(move |s| s.read_position(peer_user))
-            .await?;
+        self.mark_conv_read(Conv::Direct(peer_user)).await
+    }
+
+    /// Tells the server (and so the members who sent messages, and my other devices) that I
+    /// have read the group up to its latest message from someone else. Returns the seq
+    /// marked, or `None` if there was nothing new to mark.
+    pub async fn mark_group_read(&self, group_id: u64) -> Result<Option<u64>, Error> {
+        self.saved_session()?;
+        self.mark_conv_read(Conv::Group(group_id)).await
+    }
+
+    async fn mark_conv_read(&self, conv: Conv) -> Result<Option<u64>, Error> {
+        let (latest, read) = self.inner.store.run(move |s| s.read_position(conv)).await?;
         let Some(up_to) = latest.filter(|l| *l > read) else {
             return Ok(None);
         };
@@ -297,7 +351,7 @@ impl Client {
         loop {
             self.wait_connected().await?;
             let read = frames::Read {
-                conversation: Some(Peer::user(peer_user)),
+                conversation: Some(conv.to_peer()),
                 up_to_seq: up_to,
             };
             match self.request(client_frame::Kind::Read(read)).await {
@@ -318,7 +372,7 @@ impl Client {
         }
         self.inner
             .store
-            .run(move |s| s.set_my_read(peer_user, up_to))
+            .run(move |s| s.set_my_read(conv, up_to))
             .await?;
         Ok(Some(up_to))
     }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::group_event::GroupChange;
+
 /// The logged-in identity of this profile (the token stays inside the SDK).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Session {
@@ -42,8 +44,9 @@ impl Tick {
         }
     }
 
-    /// The tick for an outgoing message, from its sequence number and the peer's watermarks.
-    /// A read watermark implies delivered (PROTOCOL.md §4.4).
+    /// The tick for an outgoing message, from its sequence number and the conversation's
+    /// watermarks (direct: the peer's; group: what every other member has). A read watermark
+    /// implies delivered (PROTOCOL.md §4.4).
     pub(crate) fn derive(
         seq: Option<u64>,
         failed: bool,
@@ -69,9 +72,17 @@ impl fmt::Display for Tick {
 /// A message as kept in the local history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredMessage {
-    /// The conversation, named by the peer's username (my own username for notes to self).
+    /// The conversation: the peer's username for a direct one (my own username for notes to
+    /// self), the group id in decimal for a group (usernames start with a letter, so the two
+    /// never collide).
     pub conversation: String,
+    /// The peer's user id in a direct conversation; 0 in a group.
     pub peer_user: u64,
+    /// The group id, for a group message.
+    pub group: Option<u64>,
+    /// The group's name as last seen, for a group message (`None` until this device has seen
+    /// it: a group message sent before any sync or `group_info`).
+    pub group_name: Option<String>,
     /// Position in the conversation; `None` while the message waits in the outbox.
     pub seq: Option<u64>,
     /// Sender's username.
@@ -80,8 +91,12 @@ pub struct StoredMessage {
     /// Sent by me (from this device or, as a sync copy, from another of my devices).
     pub outgoing: bool,
     pub client_msg_id: String,
-    /// The body as text (lossy UTF-8).
+    /// The body as text (lossy UTF-8); for a system message, the change as a sentence.
     pub text: String,
+    /// For a system message (a group membership or settings change), the decoded change
+    /// (`GroupAction::Unknown` if this SDK cannot read it).
+    /// System messages are never `outgoing` and have no ticks.
+    pub system: Option<GroupChange>,
     #[serde(skip)]
     pub body: Vec<u8>,
     /// Server timestamp (ms); `None` while pending.
@@ -90,11 +105,19 @@ pub struct StoredMessage {
     pub status: Option<Tick>,
 }
 
+impl StoredMessage {
+    pub fn is_system(&self) -> bool {
+        self.system.is_some()
+    }
+}
+
 /// The outcome of a successful send: the single tick.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SentMessage {
-    /// The peer's username.
+    /// The peer's username, or the group id in decimal (as [`StoredMessage::conversation`]).
     pub conversation: String,
+    /// The group id, for a group message.
+    pub group: Option<u64>,
     pub client_msg_id: String,
     pub seq: u64,
     pub server_ts_ms: i64,
@@ -117,18 +140,27 @@ impl ReceiptKind {
     }
 }
 
-/// A receipt that raised a watermark (stale or repeated receipts are not emitted).
+/// A receipt that raised a watermark: the reader's own, or my ticks (stale or repeated
+/// receipts are not emitted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReceiptEvent {
-    /// The peer's username.
+    /// The peer's username, or the group id in decimal (as [`StoredMessage::conversation`]).
     pub conversation: String,
+    /// The peer's user id in a direct conversation; 0 in a group.
     pub peer_user: u64,
-    /// Who delivered/read: the peer, or me (one of my other devices read the conversation).
+    /// The group id, for a group conversation.
+    pub group: Option<u64>,
+    /// Who delivered/read: the peer or a group member, or me (one of my other devices read
+    /// the conversation).
     pub reader: String,
     pub reader_user: u64,
     pub kind: ReceiptKind,
     pub up_to_seq: u64,
     pub server_ts_ms: i64,
+    /// The ticks of my messages in the conversation after this receipt: every other
+    /// participant has delivered / read up to these sequence numbers.
+    pub all_delivered_up_to: u64,
+    pub all_read_up_to: u64,
 }
 
 /// Why the connection task stopped for good.

@@ -26,6 +26,8 @@ enum Script {
     Messaging,
     /// Refuse every Hello as unauthorized.
     RefuseToken,
+    /// A group: system message, send without devices, all_* receipts, read (see `groups`).
+    Groups,
 }
 
 async fn start(script: Script) -> String {
@@ -44,6 +46,7 @@ async fn start(script: Script) -> String {
                     match script {
                         Script::Messaging => messaging(ws, n).await,
                         Script::RefuseToken => refuse(ws).await,
+                        Script::Groups => groups(ws).await,
                     }
                 } else {
                     http(stream).await;
@@ -108,6 +111,17 @@ async fn http(mut stream: TcpStream) {
                 {"device_id":11,"name":"b","created_at_ms":1,"last_seen_ms":null,"current":false}]}"#
                 .to_owned(),
         ),
+        ["POST", "/v1/groups"] => {
+            let body = String::from_utf8_lossy(&buf[head_end..]);
+            assert!(body.contains(r#""members":["bob"]"#), "{body}");
+            ("201 Created", GROUP_INFO.to_owned())
+        }
+        ["GET", "/v1/groups/7/messages/2"] => (
+            "200 OK",
+            r#"{"group_id":7,"seq":2,"members":[{"user_id":2,"username":"bob","delivered":true,"read":true}],
+                "delivered_to_all":true,"read_by_all":true}"#
+                .to_owned(),
+        ),
         _ => (
             "404 Not Found",
             r#"{"error":{"code":"not_found","message":"no such thing"}}"#.to_owned(),
@@ -119,6 +133,11 @@ async fn http(mut stream: TcpStream) {
     );
     let _ = stream.write_all(resp.as_bytes()).await;
 }
+
+const GROUP: u64 = 7;
+const GROUP_INFO: &str = r#"{"group_id":7,"name":"Family","members_can_add":false,"created_at_ms":1,
+    "last_seq":1,"members":[{"user_id":1,"username":"alice","role":"owner","joined_seq":1},
+    {"user_id":2,"username":"bob","role":"member","joined_seq":1}]}"#;
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -182,6 +201,7 @@ fn message(mailbox_seq: u64, seq: u64) -> server_frame::Kind {
             client_msg_id: format!("b{seq}"),
             server_ts_ms: 100 + seq as i64,
             body: format!("hello {seq}").into_bytes(),
+            ..Default::default()
         })),
     })
 }
@@ -272,6 +292,7 @@ async fn messaging(mut ws: Ws, connection: usize) {
                         kind: frames::ReceiptKind::Read as i32,
                         up_to_seq: 4,
                         server_ts_ms: 600,
+                        ..Default::default()
                     };
                     let ev = frames::Event {
                         mailbox_seq: 4,
@@ -281,6 +302,99 @@ async fn messaging(mut ws: Ws, connection: usize) {
                 }
                 other => panic!("unexpected {other:?}"),
             }
+        }
+    }
+}
+
+/// One connection: the group's CREATED event, then a group Send (no devices) answered with
+/// Sent and an all-read receipt, then a Read of the group.
+async fn groups(mut ws: Ws) {
+    hello(&mut ws).await;
+    send(&mut ws, 0, welcome()).await;
+    let created = frames::GroupEvent {
+        action: frames::GroupAction::Created as i32,
+        actor: Some(frames::UserRef {
+            user_id: ALICE,
+            username: "alice".into(),
+        }),
+        targets: vec![frames::UserRef {
+            user_id: BOB,
+            username: "bob".into(),
+        }],
+        name: "Family".into(),
+        members_can_add: false,
+    };
+    let system = frames::Message {
+        conversation: Some(frames::Peer::group(GROUP)),
+        seq: 1,
+        sender_user: ALICE,
+        sender_username: "alice".into(),
+        server_ts_ms: 50,
+        body: created.encode_to_vec(),
+        kind: frames::MessageKind::System as i32,
+        group_name: "Family".into(),
+        ..Default::default()
+    };
+    let ev = frames::Event {
+        mailbox_seq: 1,
+        kind: Some(event::Kind::Message(system)),
+    };
+    send(&mut ws, 0, server_frame::Kind::Event(ev)).await;
+    send(
+        &mut ws,
+        0,
+        server_frame::Kind::Synced(frames::Synced { up_to: 1 }),
+    )
+    .await;
+    expect_ack(&recv(&mut ws).await, 1);
+
+    let f = recv(&mut ws).await;
+    let s = expect_send(&f);
+    assert_eq!(s.to, Some(frames::Peer::group(GROUP)));
+    assert!(s.devices.is_empty(), "groups are never device-addressed");
+    assert_eq!(s.body, b"hi group");
+    let sent = frames::Sent {
+        client_msg_id: s.client_msg_id,
+        seq: 2,
+        server_ts_ms: 60,
+    };
+    send(&mut ws, f.request_id, server_frame::Kind::Sent(sent)).await;
+    let receipt = frames::Receipt {
+        conversation: Some(frames::Peer::group(GROUP)),
+        reader_user: BOB,
+        reader_username: "bob".into(),
+        kind: frames::ReceiptKind::Read as i32,
+        up_to_seq: 2,
+        server_ts_ms: 70,
+        all_delivered_up_to: 2,
+        all_read_up_to: 2,
+        ..Default::default()
+    };
+    let ev = frames::Event {
+        mailbox_seq: 2,
+        kind: Some(event::Kind::Receipt(receipt)),
+    };
+    send(&mut ws, 0, server_frame::Kind::Event(ev)).await;
+    expect_ack(&recv(&mut ws).await, 2);
+
+    let f = recv(&mut ws).await;
+    match &f.kind {
+        Some(client_frame::Kind::Read(r)) => {
+            assert_eq!(r.conversation, Some(frames::Peer::group(GROUP)));
+            assert_eq!(r.up_to_seq, 1, "up to the latest message not mine");
+        }
+        other => panic!("expected Read, got {other:?}"),
+    }
+    send(
+        &mut ws,
+        f.request_id,
+        server_frame::Kind::Done(frames::Done {}),
+    )
+    .await;
+    // Stay until the client closes.
+    while let Some(Ok(m)) = ws.next().await {
+        if m.is_close() {
+            return;
         }
     }
 }
@@ -405,4 +519,68 @@ async fn a_refused_token_ends_the_connection_task() {
         client.sent_status(10).expect("status").is_empty(),
         "nothing queued"
     );
+}
+
+#[tokio::test]
+async fn groups_send_without_devices_and_tick_from_all_watermarks() {
+    let server = start(Script::Groups).await;
+    let home = tempfile::tempdir().expect("tempdir");
+    let client = Client::open(config(&server, home.path())).expect("open");
+    client.login("alice", "password123").await.expect("login");
+    let info = client
+        .create_group("Family", &["Bob", "bob"], false)
+        .await
+        .expect("create");
+    assert_eq!(info.group_id, GROUP);
+
+    let mut events = client.events();
+    client.connect().await.expect("connect");
+    client.wait_synced().await.expect("synced");
+    match next_interesting(&mut events).await {
+        Event::Message(m) => {
+            assert_eq!(m.conversation, "7");
+            assert_eq!(m.group, Some(GROUP));
+            assert_eq!(m.text, "alice created the group Family with bob");
+            assert!(m.is_system() && !m.outgoing);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    let sent = client
+        .send_group_text(GROUP, "hi group")
+        .await
+        .expect("send");
+    assert_eq!(
+        (sent.conversation.as_str(), sent.group, sent.seq),
+        ("7", Some(GROUP), 2)
+    );
+    let receipt = loop {
+        if let Event::Receipt(r) = next_interesting(&mut events).await {
+            break r;
+        }
+    };
+    assert_eq!((receipt.group, receipt.all_read_up_to), (Some(GROUP), 2));
+    let status = client.sent_status(10).expect("status");
+    assert_eq!(status.len(), 1, "system messages are not mine to tick");
+    assert_eq!(status[0].status, Some(Tick::Read));
+    assert_eq!(status[0].group_name.as_deref(), Some("Family"));
+    let mine = client
+        .sent_message(&sent.client_msg_id)
+        .expect("lookup")
+        .expect("found");
+    assert_eq!(mine.seq, Some(2));
+
+    assert_eq!(client.mark_group_read(GROUP).await.expect("read"), Some(1));
+    assert_eq!(client.mark_group_read(GROUP).await.expect("read"), None);
+    let history = client.group_history(GROUP, 10).expect("history");
+    let texts: Vec<_> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["alice created the group Family with bob", "hi group"]
+    );
+    assert!(client.history("bob", 10).expect("direct").is_empty());
+
+    let mi = client.message_info(GROUP, 2).await.expect("info");
+    assert!(mi.read_by_all && mi.members[0].username == "bob");
+    client.close().await;
 }

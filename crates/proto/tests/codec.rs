@@ -6,7 +6,10 @@ use prost::Message as _;
 use tern_proto::frames::*;
 
 fn peer() -> impl Strategy<Value = Option<Peer>> {
-    proptest::option::of(any::<u64>().prop_map(Peer::user))
+    proptest::option::of(prop_oneof![
+        any::<u64>().prop_map(Peer::user),
+        any::<u64>().prop_map(Peer::group)
+    ])
 }
 
 fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
@@ -67,6 +70,8 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             client_msg_id: format!("c{seq}"),
             server_ts_ms: ts,
             body,
+            kind: (seq % 2) as i32,
+            group_name: format!("g{dev}"),
         });
     let receipt = (peer(), any::<u64>(), 0i32..3, any::<u64>(), any::<i64>()).prop_map(
         |(conversation, reader, kind, up_to_seq, ts)| Receipt {
@@ -77,6 +82,8 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             kind,
             up_to_seq,
             server_ts_ms: ts,
+            all_delivered_up_to: up_to_seq / 2,
+            all_read_up_to: up_to_seq / 3,
         },
     );
     prop_oneof![
@@ -126,6 +133,25 @@ proptest! {
         let bytes = frame.encode_to_vec();
         let back = ServerFrame::decode_frame(&bytes, usize::MAX).expect("decodes");
         prop_assert_eq!(back, frame);
+    }
+
+    #[test]
+    fn group_events_round_trip(
+        action in 0i32..9,
+        actor in proptest::option::of((any::<u64>(), "[a-z]{3,10}")),
+        targets in proptest::collection::vec((any::<u64>(), "[a-z]{3,10}"), 0..5),
+        name in ".{0,30}",
+        members_can_add in any::<bool>(),
+    ) {
+        let user = |(user_id, username): (u64, String)| UserRef { user_id, username };
+        let event = GroupEvent {
+            action,
+            actor: actor.map(user),
+            targets: targets.into_iter().map(user).collect(),
+            name,
+            members_can_add,
+        };
+        prop_assert_eq!(GroupEvent::decode(&event.encode_to_vec()[..]).expect("decodes"), event);
     }
 
     #[test]

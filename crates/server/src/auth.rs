@@ -1,17 +1,46 @@
 //! Passwords (argon2id, PHC strings with their own salt) and access tokens (32 random bytes,
 //! hex; the server stores only their SHA-256, so a leaked database holds no usable token).
 
-use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// argon2id cost. The defaults are the argon2 crate's (OWASP's first recommendation: 19 MiB,
+/// 2 passes, 1 lane); lower them only for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PasswordCost {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for PasswordCost {
+    fn default() -> Self {
+        PasswordCost {
+            memory_kib: Params::DEFAULT_M_COST,
+            iterations: Params::DEFAULT_T_COST,
+            parallelism: Params::DEFAULT_P_COST,
+        }
+    }
+}
+
+impl PasswordCost {
+    pub fn hasher(&self) -> Result<Argon2<'static>, String> {
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None)
+            .map_err(|e| e.to_string())?;
+        Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+    }
+}
+
 /// Hashes a password with argon2id. CPU-heavy: call from a blocking thread.
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str, cost: PasswordCost) -> Result<String, String> {
     let mut salt = [0u8; 16];
     rand::rng().fill_bytes(&mut salt);
     let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
-    Argon2::default()
+    cost.hasher()?
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
@@ -29,9 +58,10 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
 }
 
 /// A hash to verify against when the user does not exist, so that an unknown username costs
-/// the same time as a wrong password (no user enumeration by timing).
-pub fn decoy_hash() -> &'static str {
-    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$7m5eMXGgLHYh1Tw6uGL2lGh1Kq1Cqqj0rWJ0eQGQ4ac"
+/// the same time as a wrong password (no user enumeration by timing). Made once at start-up
+/// with the configured cost.
+pub fn decoy_hash(cost: PasswordCost) -> Result<String, String> {
+    hash_password(&new_token(), cost)
 }
 
 /// A fresh access token: 32 random bytes as hex.
@@ -52,12 +82,33 @@ mod tests {
 
     #[test]
     fn password_round_trip() {
-        let h = hash_password("correct horse").expect("hash");
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse", &h));
-        assert!(!verify_password("wrong horse", &h));
+        for cost in [
+            PasswordCost::default(),
+            PasswordCost {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+        ] {
+            let h = hash_password("correct horse", cost).expect("hash");
+            assert!(h.starts_with("$argon2id$"));
+            assert!(verify_password("correct horse", &h));
+            assert!(!verify_password("wrong horse", &h));
+            assert!(!verify_password(
+                "anything",
+                &decoy_hash(cost).expect("decoy")
+            ));
+        }
         assert!(!verify_password("x", "not a hash"));
-        assert!(!verify_password("anything", decoy_hash()));
+        assert!(
+            PasswordCost {
+                memory_kib: 1,
+                iterations: 0,
+                parallelism: 1
+            }
+            .hasher()
+            .is_err()
+        );
     }
 
     #[test]

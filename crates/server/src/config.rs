@@ -24,6 +24,8 @@ pub struct Config {
     pub sqlite_readers: usize,
     /// Every size and count limit.
     pub limits: Limits,
+    /// argon2id cost of password hashes.
+    pub password_hashing: crate::auth::PasswordCost,
 }
 
 impl Default for Config {
@@ -35,6 +37,7 @@ impl Default for Config {
             login_attempts_per_minute_per_address: 100,
             sqlite_readers: 4,
             limits: Limits::default(),
+            password_hashing: crate::auth::PasswordCost::default(),
         }
     }
 }
@@ -139,6 +142,9 @@ impl Config {
         }
         if l.login_attempts_per_minute == 0 || self.login_attempts_per_minute_per_address == 0 {
             return bad("login attempt limits must be positive");
+        }
+        if let Err(e) = self.password_hashing.hasher() {
+            return Err(ConfigError::Invalid(format!("password_hashing: {e}")));
         }
         if self.last_seen_flush_secs == 0 || self.sqlite_readers == 0 {
             return bad("last_seen_flush_secs and sqlite_readers must be positive");

@@ -196,13 +196,16 @@ mod tests {
         MailboxEntry {
             mseq,
             item: MailboxItem::Receipt(StdArc::new(ReceiptRecord {
-                conversation: Conversation {
+                conversation: Conversation::Direct {
                     lo: u.clone(),
                     hi: u,
                 },
                 reader: 1,
+                reader_username: "a".into(),
                 kind: ReceiptKind::Read,
                 up_to_seq: 1,
+                all_delivered_up_to: 1,
+                all_read_up_to: 1,
                 ts_ms: 0,
             })),
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tern_client::{Client, ConnectionState, Event};
 
-use super::bounded;
+use super::{Conversation, Target, bounded};
 use crate::output::{Printer, cli_error};
 
 /// Connects and waits until the mailbox is drained (stored and acknowledged).
@@ -18,16 +18,20 @@ async fn connect_and_sync(client: &Client) -> anyhow::Result<()> {
 pub async fn send(
     client: &Client,
     out: &Printer,
-    user: &str,
+    target: &Target,
     text: &str,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    let conversation = target.resolve(client, timeout).await?;
     let result = bounded(
         timeout,
         "waiting for the server's tick (the message stays in the outbox)",
         async {
             client.connect().await?;
-            Ok(client.send_text(user, text).await?)
+            Ok(match &conversation {
+                Conversation::Group(id) => client.send_group_text(*id, text).await?,
+                Conversation::User(user) => client.send_text(user, text).await?,
+            })
         },
     )
     .await;
@@ -117,16 +121,24 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 pub async fn read(
     client: &Client,
     out: &Printer,
-    user: &str,
+    target: &Target,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    let conversation = target.resolve(client, timeout).await?;
     let result = bounded(timeout, "marking read", async {
         connect_and_sync(client).await?;
-        Ok(client.mark_read(user).await?)
+        Ok(match &conversation {
+            Conversation::Group(id) => client.mark_group_read(*id).await?,
+            Conversation::User(user) => client.mark_read(user).await?,
+        })
     })
     .await;
     client.close().await;
-    out.read(&user.trim().to_ascii_lowercase(), result?);
+    let seq = result?;
+    match &conversation {
+        Conversation::Group(id) => out.read(&id.to_string(), Some(*id), seq),
+        Conversation::User(user) => out.read(&user.trim().to_ascii_lowercase(), None, seq),
+    }
     Ok(())
 }
 
@@ -146,12 +158,19 @@ async fn maybe_sync(client: &Client, sync: Option<Duration>) -> anyhow::Result<(
 pub async fn history(
     client: &Client,
     out: &Printer,
-    user: &str,
+    target: &Target,
     limit: usize,
     sync: Option<Duration>,
 ) -> anyhow::Result<()> {
+    let conversation = target
+        .resolve(client, sync.unwrap_or(super::DEFAULT_TIMEOUT))
+        .await?;
     maybe_sync(client, sync).await?;
-    for m in client.history(user, limit)? {
+    let messages = match &conversation {
+        Conversation::User(user) => client.history(user, limit)?,
+        Conversation::Group(id) => client.group_history(*id, limit)?,
+    };
+    for m in messages {
         out.message(&m);
     }
     Ok(())

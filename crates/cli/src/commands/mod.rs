@@ -2,6 +2,7 @@
 //! and hands results to the [`Printer`]. Network work is bounded by `--timeout`.
 
 mod account;
+mod groups;
 mod messaging;
 
 use std::future::Future;
@@ -28,16 +29,107 @@ pub async fn run(cli: Cli, out: &Printer) -> anyhow::Result<()> {
         Command::Devices { action } => account::devices(&client, out, action).await,
         Command::LastSeen { user } => account::last_seen(&client, out, &user).await,
         Command::Privacy { setting } => account::privacy(&client, out, setting).await,
-        Command::Send { user, text } => messaging::send(&client, out, &user, &text, timeout).await,
+        Command::Send { first, text, group } => {
+            let (target, text) = match (group, text) {
+                (Some(g), None) => (Target::Group(g), first),
+                (None, Some(text)) => (Target::User(first), text),
+                (Some(_), Some(_)) => {
+                    return Err(cli_error(
+                        "invalid_input",
+                        "with --group, give only the text (quote it if it has spaces)",
+                    ));
+                }
+                (None, None) => {
+                    return Err(cli_error(
+                        "invalid_input",
+                        "give USER and TEXT, or --group GROUP and TEXT",
+                    ));
+                }
+            };
+            messaging::send(&client, out, &target, &text, timeout).await
+        }
         Command::Sync => messaging::sync(&client, out, timeout).await,
         Command::Listen { count } => messaging::listen(&client, out, count, cli.timeout).await,
-        Command::Read { user } => messaging::read(&client, out, &user, timeout).await,
-        Command::History { user, limit, local } => {
-            messaging::history(&client, out, &user, limit, (!local).then_some(timeout)).await
+        Command::Read { user, group } => {
+            messaging::read(&client, out, &Target::from_args(user, group)?, timeout).await
+        }
+        Command::History {
+            user,
+            group,
+            limit,
+            local,
+        } => {
+            let target = Target::from_args(user, group)?;
+            messaging::history(&client, out, &target, limit, (!local).then_some(timeout)).await
         }
         Command::Status { limit, local } => {
             messaging::status(&client, out, limit, (!local).then_some(timeout)).await
         }
+        Command::Group { action } => groups::group(&client, out, action, timeout).await,
+        Command::Groups => groups::list(&client, out, timeout).await,
+        Command::Info { message } => groups::message_info(&client, out, &message, timeout).await,
+    }
+}
+
+/// Who a messaging command is about: a user, or a group as typed (an id or a name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    User(String),
+    Group(String),
+}
+
+impl Target {
+    fn from_args(user: Option<String>, group: Option<String>) -> anyhow::Result<Target> {
+        match (user, group) {
+            (Some(u), None) => Ok(Target::User(u)),
+            (None, Some(g)) => Ok(Target::Group(g)),
+            _ => Err(cli_error("invalid_input", "give USER or --group GROUP")),
+        }
+    }
+}
+
+/// A [`Target`] with its group found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conversation {
+    User(String),
+    Group(u64),
+}
+
+impl Target {
+    async fn resolve(&self, client: &Client, timeout: Duration) -> anyhow::Result<Conversation> {
+        Ok(match self {
+            Target::User(u) => Conversation::User(u.clone()),
+            Target::Group(g) => Conversation::Group(resolve_group(client, g, timeout).await?),
+        })
+    }
+}
+
+/// A group as typed on the command line: its id, or else its exact name among my groups
+/// (which needs the server; ids work offline).
+async fn resolve_group(client: &Client, group: &str, timeout: Duration) -> anyhow::Result<u64> {
+    let group = group.trim();
+    if let Ok(id) = group.parse::<u64>() {
+        return Ok(id);
+    }
+    let groups = bounded(timeout, "listing groups to find the name", async {
+        Ok(client.groups().await?)
+    })
+    .await?;
+    let matches: Vec<u64> = groups
+        .iter()
+        .filter(|g| g.name == group)
+        .map(|g| g.group_id)
+        .collect();
+    match matches[..] {
+        [id] => Ok(id),
+        [] => Err(cli_error(
+            "not_found",
+            format!("no group of mine is named {group:?}; use its id (see `tern groups`)"),
+        )),
+        _ => Err(cli_error(
+            "invalid_input",
+            format!("several of my groups are named {group:?} ({matches:?}); use the id"),
+        )),
     }
 }
 

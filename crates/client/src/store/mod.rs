@@ -5,10 +5,19 @@
 //! de-duplication happens: a UNIQUE index on (conversation, seq) makes a message re-delivered
 //! after a reconnect a no-op, so the SDK emits each message once however often it arrives.
 //!
+//! A conversation is named by [`Conv`]: the direct one with a user, or a group. Both live in
+//! the same tables, keyed by `(conv_kind, conv_id)`, so de-duplication, ticks and read
+//! positions work the same for both.
+//!
 //! The calls are synchronous; async code runs them through [`LocalStore::run`], which moves them
 //! to tokio's blocking pool. Events are stored in one transaction per batch and only then
 //! acknowledged to the server (durable before acknowledged).
+//!
+//! - `apply.rs`: storing mailbox events (messages, receipts).
+//! - `query.rs`: reading history, ticks and read positions.
 
+mod apply;
+mod query;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -16,11 +25,75 @@ mod tests;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
-use tern_proto::frames::{self, event, peer};
+use rusqlite::{Connection, OptionalExtension, params};
+use tern_proto::frames::{self, peer};
 
 use crate::error::Error;
-use crate::types::{Event, ReceiptEvent, ReceiptKind, SentMessage, StoredMessage, Tick};
+use crate::types::{Event, SentMessage, StoredMessage};
+
+/// A conversation, as the local store keys it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Conv {
+    /// The direct conversation with this user (myself for notes to self).
+    Direct(u64),
+    /// The group with this id.
+    Group(u64),
+}
+
+impl Conv {
+    const DIRECT: i64 = 0;
+    const GROUP: i64 = 1;
+
+    pub fn kind(self) -> i64 {
+        match self {
+            Conv::Direct(_) => Conv::DIRECT,
+            Conv::Group(_) => Conv::GROUP,
+        }
+    }
+
+    pub fn id(self) -> u64 {
+        match self {
+            Conv::Direct(id) | Conv::Group(id) => id,
+        }
+    }
+
+    fn from_row(kind: i64, id: u64) -> Conv {
+        if kind == Conv::GROUP {
+            Conv::Group(id)
+        } else {
+            Conv::Direct(id)
+        }
+    }
+
+    pub fn from_peer(p: Option<&frames::Peer>) -> Option<Conv> {
+        match p?.kind? {
+            peer::Kind::User(id) => Some(Conv::Direct(id)),
+            peer::Kind::Group(id) => Some(Conv::Group(id)),
+        }
+    }
+
+    pub fn to_peer(self) -> frames::Peer {
+        match self {
+            Conv::Direct(id) => frames::Peer::user(id),
+            Conv::Group(id) => frames::Peer::group(id),
+        }
+    }
+
+    pub fn group(self) -> Option<u64> {
+        match self {
+            Conv::Group(id) => Some(id),
+            Conv::Direct(_) => None,
+        }
+    }
+
+    /// The public name of the conversation: the peer's username, or the group id in decimal.
+    pub fn public_name(self, peer_username: &str) -> String {
+        match self {
+            Conv::Direct(_) => peer_username.to_owned(),
+            Conv::Group(id) => id.to_string(),
+        }
+    }
+}
 
 /// The saved login, token included (never logged, never leaves the SDK).
 #[derive(Clone, PartialEq, Eq)]
@@ -44,8 +117,9 @@ impl std::fmt::Debug for SavedSession {
 /// A message waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OutboxItem {
-    pub peer_user: u64,
-    pub peer_username: String,
+    pub conv: Conv,
+    /// The peer's username, or the group's name as known when the message was written.
+    pub conv_name: String,
     pub client_msg_id: String,
     pub body: Vec<u8>,
 }
@@ -64,11 +138,6 @@ pub(crate) struct Applied {
 pub(crate) struct LocalStore {
     conn: Arc<Mutex<Connection>>,
 }
-
-const SELECT_MESSAGE: &str = "SELECT m.peer_username, m.peer_user, m.seq, m.sender_username,
-    m.sender_user, m.outgoing, m.client_msg_id, m.body, m.server_ts_ms, m.failed IS NOT NULL,
-    COALESCE(w.delivered_up_to, 0), COALESCE(w.read_up_to, 0)
-    FROM messages m LEFT JOIN watermarks w ON w.peer_user = m.peer_user";
 
 impl LocalStore {
     /// Opens (creating if needed) `home/state.db` and brings its schema up to date.
@@ -139,7 +208,10 @@ impl LocalStore {
             })
             .optional()?;
         if owner.is_some_and(|o| o != s.user_id) {
-            tx.execute_batch("DELETE FROM messages; DELETE FROM watermarks; DELETE FROM peers;")?;
+            tx.execute_batch(
+                "DELETE FROM messages; DELETE FROM watermarks; DELETE FROM reader_watermarks;
+                 DELETE FROM peers; DELETE FROM groups;",
+            )?;
         }
         tx.execute(
             "INSERT OR REPLACE INTO session (id, server, user_id, username, device_id, token)
@@ -181,7 +253,7 @@ impl LocalStore {
         Ok(v.unwrap_or(0))
     }
 
-    // ---- peers ---------------------------------------------------------------------------
+    // ---- peers and groups ----------------------------------------------------------------
 
     pub fn remember_peer(&self, user_id: u64, username: &str) -> Result<(), Error> {
         let conn = self.lock();
@@ -201,6 +273,37 @@ impl LocalStore {
         Ok(id)
     }
 
+    /// Records a group fetched over HTTP: its name as of `as_of_seq`, and its members' names.
+    pub fn remember_group(
+        &self,
+        group_id: u64,
+        name: &str,
+        as_of_seq: u64,
+        members: &[(u64, &str)],
+    ) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        upsert_group(&tx, group_id, name, as_of_seq)?;
+        for (id, username) in members {
+            upsert_peer(&tx, *id, username)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The group's name as last seen, if it was ever seen.
+    pub fn group_name(&self, group_id: u64) -> Result<Option<String>, Error> {
+        let conn = self.lock();
+        let name = conn
+            .query_row(
+                "SELECT name FROM groups WHERE group_id = ?1",
+                [group_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(name)
+    }
+
     // ---- outbox --------------------------------------------------------------------------
 
     /// Puts a message of mine into the outbox (and the history, as pending).
@@ -212,12 +315,14 @@ impl LocalStore {
     ) -> Result<StoredMessage, Error> {
         let conn = self.lock();
         conn.execute(
-            "INSERT INTO messages (peer_user, peer_username, seq, sender_user, sender_username,
-                 sender_device, outgoing, client_msg_id, body, server_ts_ms, created_ms)
-             VALUES (?1, ?2, NULL, ?3, ?4, ?5, 1, ?6, ?7, NULL, ?8)",
+            "INSERT INTO messages (conv_kind, conv_id, conv_name, seq, sender_user,
+                 sender_username, sender_device, outgoing, client_msg_id, body, server_ts_ms,
+                 created_ms)
+             VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, 1, ?7, ?8, NULL, ?9)",
             params![
-                item.peer_user,
-                item.peer_username,
+                item.conv.kind(),
+                item.conv.id(),
+                item.conv_name,
                 me.user_id,
                 me.username,
                 me.device_id,
@@ -227,44 +332,40 @@ impl LocalStore {
             ],
         )?;
         let id = conn.last_insert_rowid();
-        Ok(message_by_rowid(&conn, id)?)
+        Ok(query::message_by_rowid(&conn, id)?)
     }
 
     /// This device's unsent messages, oldest first.
     pub fn outbox(&self, device_id: u64) -> Result<Vec<OutboxItem>, Error> {
         let conn = self.lock();
         let mut stmt = conn.prepare(
-            "SELECT peer_user, peer_username, client_msg_id, body FROM messages
+            "SELECT conv_kind, conv_id, conv_name, client_msg_id, body FROM messages
              WHERE sender_device = ?1 AND seq IS NULL AND failed IS NULL ORDER BY id",
         )?;
         let rows = stmt.query_map([device_id], |r| {
             Ok(OutboxItem {
-                peer_user: r.get(0)?,
-                peer_username: r.get(1)?,
-                client_msg_id: r.get(2)?,
-                body: r.get(3)?,
+                conv: Conv::from_row(r.get(0)?, r.get(1)?),
+                conv_name: r.get(2)?,
+                client_msg_id: r.get(3)?,
+                body: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records the server's `Sent`. Idempotent: a repeated `Sent` changes nothing.
-    pub fn mark_sent(
-        &self,
-        device_id: u64,
-        sent: &SentMessage,
-        peer_user: u64,
-    ) -> Result<(), Error> {
+    pub fn mark_sent(&self, device_id: u64, sent: &SentMessage, conv: Conv) -> Result<(), Error> {
         let conn = self.lock();
         let n = conn.execute(
             "UPDATE messages SET seq = ?1, server_ts_ms = ?2, failed = NULL
-             WHERE sender_device = ?3 AND client_msg_id = ?4 AND peer_user = ?5",
+             WHERE sender_device = ?3 AND client_msg_id = ?4 AND conv_kind = ?5 AND conv_id = ?6",
             params![
                 sent.seq,
                 sent.server_ts_ms,
                 device_id,
                 sent.client_msg_id,
-                peer_user
+                conv.kind(),
+                conv.id()
             ],
         )?;
         if n == 0 {
@@ -291,91 +392,9 @@ impl LocalStore {
         Ok(())
     }
 
-    // ---- incoming events -----------------------------------------------------------------
-
-    /// Stores a batch of mailbox events in one transaction. Messages already stored (same
-    /// conversation and seq) and receipts that raise no watermark produce no event.
-    pub fn apply_events(&self, me: u64, batch: &[frames::Event]) -> Result<Applied, Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let mut applied = Applied::default();
-        for ev in batch {
-            applied.ack_up_to = applied.ack_up_to.max(ev.mailbox_seq);
-            let out = match &ev.kind {
-                Some(event::Kind::Message(m)) => apply_message(&tx, me, m)?.map(Event::Message),
-                Some(event::Kind::Receipt(r)) => apply_receipt(&tx, me, r)?.map(Event::Receipt),
-                None => {
-                    tracing::warn!(
-                        mailbox_seq = ev.mailbox_seq,
-                        "event without content, skipped"
-                    );
-                    None
-                }
-            };
-            applied.events.extend(out);
-        }
-        let cursor: u64 = tx
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'mailbox_cursor'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
-        set_meta(&tx, "mailbox_cursor", cursor.max(applied.ack_up_to))?;
-        tx.commit()?;
-        Ok(applied)
-    }
-
-    // ---- reading -------------------------------------------------------------------------
-
-    /// The last `limit` messages of the conversation with `username`, oldest first (pending
-    /// ones last).
-    pub fn history(&self, username: &str, limit: usize) -> Result<Vec<StoredMessage>, Error> {
+    pub fn set_my_read(&self, conv: Conv, up_to: u64) -> Result<(), Error> {
         let conn = self.lock();
-        let sql = format!(
-            "{SELECT_MESSAGE} WHERE m.peer_username = ?1
-             ORDER BY m.seq IS NULL DESC, m.seq DESC, m.id DESC LIMIT ?2"
-        );
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(params![username, limit_param(limit)], message_from_row)?;
-        let mut out: Vec<StoredMessage> = rows.collect::<Result<_, _>>()?;
-        out.reverse();
-        Ok(out)
-    }
-
-    /// My last `limit` outgoing messages (from any of my devices), oldest first, with ticks.
-    pub fn sent_status(&self, limit: usize) -> Result<Vec<StoredMessage>, Error> {
-        let conn = self.lock();
-        let sql = format!("{SELECT_MESSAGE} WHERE m.outgoing = 1 ORDER BY m.id DESC LIMIT ?1");
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(params![limit_param(limit)], message_from_row)?;
-        let mut out: Vec<StoredMessage> = rows.collect::<Result<_, _>>()?;
-        out.reverse();
-        Ok(out)
-    }
-
-    /// The highest seq of a message from the peer, and how far I have read.
-    pub fn read_position(&self, peer_user: u64) -> Result<(Option<u64>, u64), Error> {
-        let conn = self.lock();
-        let latest: Option<u64> = conn.query_row(
-            "SELECT MAX(seq) FROM messages WHERE peer_user = ?1 AND outgoing = 0",
-            [peer_user],
-            |r| r.get(0),
-        )?;
-        let read: Option<u64> = conn
-            .query_row(
-                "SELECT my_read_up_to FROM watermarks WHERE peer_user = ?1",
-                [peer_user],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok((latest, read.unwrap_or(0)))
-    }
-
-    pub fn set_my_read(&self, peer_user: u64, up_to: u64) -> Result<(), Error> {
-        let conn = self.lock();
-        raise_watermarks(&conn, peer_user, 0, 0, up_to)?;
+        raise_watermarks(&conn, conv, 0, 0, up_to)?;
         Ok(())
     }
 }
@@ -410,150 +429,52 @@ fn upsert_peer(conn: &Connection, user_id: u64, username: &str) -> rusqlite::Res
     Ok(())
 }
 
-/// Raises (never lowers) a conversation's watermarks. Returns the (delivered, read, my_read)
-/// values before the update.
+/// Records a group's name as of group sequence number `as_of_seq`. Names only move forward in
+/// the group's sequence, so a late duplicate or a stale fetch never restores an old name.
+fn upsert_group(
+    conn: &Connection,
+    group_id: u64,
+    name: &str,
+    as_of_seq: u64,
+) -> rusqlite::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    conn.execute(
+        "INSERT INTO groups (group_id, name, name_seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (group_id) DO UPDATE SET name = excluded.name, name_seq = excluded.name_seq
+         WHERE excluded.name_seq >= groups.name_seq",
+        params![group_id, name, as_of_seq],
+    )?;
+    Ok(())
+}
+
+/// Raises (never lowers) a conversation's watermarks: my ticks (delivered, read) and my own
+/// read position. Returns the values before the update.
 fn raise_watermarks(
     conn: &Connection,
-    peer_user: u64,
+    conv: Conv,
     delivered: u64,
     read: u64,
     my_read: u64,
 ) -> rusqlite::Result<(u64, u64, u64)> {
     let before = conn
         .query_row(
-            "SELECT delivered_up_to, read_up_to, my_read_up_to FROM watermarks WHERE peer_user = ?1",
-            [peer_user],
+            "SELECT delivered_up_to, read_up_to, my_read_up_to FROM watermarks
+             WHERE conv_kind = ?1 AND conv_id = ?2",
+            params![conv.kind(), conv.id()],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?
         .unwrap_or((0, 0, 0));
     conn.execute(
-        "INSERT INTO watermarks (peer_user, delivered_up_to, read_up_to, my_read_up_to)
-         VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (peer_user) DO UPDATE SET
+        "INSERT INTO watermarks (conv_kind, conv_id, delivered_up_to, read_up_to, my_read_up_to)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (conv_kind, conv_id) DO UPDATE SET
              delivered_up_to = MAX(delivered_up_to, excluded.delivered_up_to),
              read_up_to = MAX(read_up_to, excluded.read_up_to),
              my_read_up_to = MAX(my_read_up_to, excluded.my_read_up_to)",
-        params![peer_user, delivered, read, my_read],
+        params![conv.kind(), conv.id(), delivered, read, my_read],
     )?;
     Ok(before)
-}
-
-fn peer_user_of(conversation: Option<&frames::Peer>) -> Option<u64> {
-    match conversation?.kind? {
-        peer::Kind::User(id) => Some(id),
-    }
-}
-
-fn apply_message(
-    tx: &Transaction<'_>,
-    me: u64,
-    m: &frames::Message,
-) -> rusqlite::Result<Option<StoredMessage>> {
-    let Some(peer_user) = peer_user_of(m.conversation.as_ref()) else {
-        tracing::warn!(seq = m.seq, "message without a conversation, skipped");
-        return Ok(None);
-    };
-    upsert_peer(tx, peer_user, &m.peer_username)?;
-    upsert_peer(tx, m.sender_user, &m.sender_username)?;
-    let inserted = tx.execute(
-        "INSERT OR IGNORE INTO messages (peer_user, peer_username, seq, sender_user,
-             sender_username, sender_device, outgoing, client_msg_id, body, server_ts_ms, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
-        params![
-            peer_user,
-            m.peer_username,
-            m.seq,
-            m.sender_user,
-            m.sender_username,
-            m.sender_device,
-            m.sender_user == me,
-            m.client_msg_id,
-            m.body,
-            m.server_ts_ms
-        ],
-    )?;
-    if inserted == 0 {
-        return Ok(None);
-    }
-    message_by_rowid(tx, tx.last_insert_rowid()).map(Some)
-}
-
-fn apply_receipt(
-    tx: &Transaction<'_>,
-    me: u64,
-    r: &frames::Receipt,
-) -> rusqlite::Result<Option<ReceiptEvent>> {
-    let Some(peer_user) = peer_user_of(r.conversation.as_ref()) else {
-        tracing::warn!("receipt without a conversation, skipped");
-        return Ok(None);
-    };
-    let kind = match frames::ReceiptKind::try_from(r.kind) {
-        Ok(frames::ReceiptKind::Delivered) => ReceiptKind::Delivered,
-        Ok(frames::ReceiptKind::Read) => ReceiptKind::Read,
-        _ => {
-            tracing::warn!(kind = r.kind, "receipt of unknown kind, skipped");
-            return Ok(None);
-        }
-    };
-    upsert_peer(tx, peer_user, &r.peer_username)?;
-    upsert_peer(tx, r.reader_user, &r.reader_username)?;
-    let up = r.up_to_seq;
-    // The peer's watermarks over my messages; a read implies delivered. For a note to self the
-    // peer is me, and both rules apply.
-    let (mut d, mut rd, mut my) = (0, 0, 0);
-    if r.reader_user == peer_user {
-        d = up;
-        if kind == ReceiptKind::Read {
-            rd = up;
-        }
-    }
-    if r.reader_user == me && kind == ReceiptKind::Read {
-        my = up;
-    }
-    let (bd, br, bmy) = raise_watermarks(tx, peer_user, d, rd, my)?;
-    let raised = d > bd || rd > br || my > bmy;
-    if !raised {
-        return Ok(None);
-    }
-    Ok(Some(ReceiptEvent {
-        conversation: r.peer_username.clone(),
-        peer_user,
-        reader: r.reader_username.clone(),
-        reader_user: r.reader_user,
-        kind,
-        up_to_seq: up,
-        server_ts_ms: r.server_ts_ms,
-    }))
-}
-
-fn message_by_rowid(conn: &Connection, id: i64) -> rusqlite::Result<StoredMessage> {
-    conn.query_row(
-        &format!("{SELECT_MESSAGE} WHERE m.id = ?1"),
-        [id],
-        message_from_row,
-    )
-}
-
-fn message_from_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
-    let seq: Option<u64> = r.get(2)?;
-    let outgoing: bool = r.get(5)?;
-    let body: Vec<u8> = r.get(7)?;
-    let failed: bool = r.get(9)?;
-    let delivered: u64 = r.get(10)?;
-    let read: u64 = r.get(11)?;
-    let status = outgoing.then(|| Tick::derive(seq, failed, delivered, read));
-    Ok(StoredMessage {
-        conversation: r.get(0)?,
-        peer_user: r.get(1)?,
-        seq,
-        from: r.get(3)?,
-        sender_user: r.get(4)?,
-        outgoing,
-        client_msg_id: r.get(6)?,
-        text: String::from_utf8_lossy(&body).into_owned(),
-        body,
-        sent_at_ms: r.get(8)?,
-        status,
-    })
 }

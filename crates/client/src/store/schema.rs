@@ -4,7 +4,7 @@
 use rusqlite::Connection;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: the initial schema.
     r#"
     -- The one saved login of this profile.
@@ -53,6 +53,76 @@ const MIGRATIONS: &[&str] = &[
         delivered_up_to INTEGER NOT NULL DEFAULT 0,
         read_up_to      INTEGER NOT NULL DEFAULT 0,
         my_read_up_to   INTEGER NOT NULL DEFAULT 0
+    );
+    "#,
+    // 2: groups. A conversation is now named by (conv_kind, conv_id): kind 0 is the direct
+    // conversation with user conv_id, kind 1 is group conv_id. SQLite cannot change a table's
+    // columns or unique keys in place, so messages and watermarks are rebuilt (rows keep their
+    // ids, so history order is unchanged).
+    r#"
+    CREATE TABLE messages_v2 (
+        id              INTEGER PRIMARY KEY,
+        conv_kind       INTEGER NOT NULL,   -- 0: direct, 1: group
+        conv_id         INTEGER NOT NULL,   -- the peer's user id, or the group id
+        conv_name       TEXT    NOT NULL,   -- the peer's username, or the group's name then
+        seq             INTEGER,
+        sender_user     INTEGER NOT NULL,
+        sender_username TEXT    NOT NULL,
+        sender_device   INTEGER NOT NULL,
+        outgoing        INTEGER NOT NULL,
+        system          INTEGER NOT NULL DEFAULT 0,  -- body is an encoded GroupEvent
+        client_msg_id   TEXT    NOT NULL,
+        body            BLOB    NOT NULL,
+        server_ts_ms    INTEGER,
+        created_ms      INTEGER NOT NULL,
+        failed          TEXT
+    );
+    INSERT INTO messages_v2 (id, conv_kind, conv_id, conv_name, seq, sender_user,
+        sender_username, sender_device, outgoing, system, client_msg_id, body, server_ts_ms,
+        created_ms, failed)
+    SELECT id, 0, peer_user, peer_username, seq, sender_user, sender_username, sender_device,
+        outgoing, 0, client_msg_id, body, server_ts_ms, created_ms, failed FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    -- De-duplication: a message is stored once per (conversation, seq) ...
+    CREATE UNIQUE INDEX messages_conv_seq ON messages (conv_kind, conv_id, seq);
+    -- ... and a client_msg_id once per sending device (the server's idempotency key).
+    CREATE UNIQUE INDEX messages_sender_id ON messages (sender_device, client_msg_id);
+    CREATE INDEX messages_outbox ON messages (sender_device) WHERE seq IS NULL;
+    CREATE INDEX messages_conv_name ON messages (conv_kind, conv_name);
+
+    -- Per conversation: my ticks (direct: the peer's watermarks; group: what every other
+    -- member has, the receipts' all_* fields) and my own read position.
+    CREATE TABLE watermarks_v2 (
+        conv_kind       INTEGER NOT NULL,
+        conv_id         INTEGER NOT NULL,
+        delivered_up_to INTEGER NOT NULL DEFAULT 0,
+        read_up_to      INTEGER NOT NULL DEFAULT 0,
+        my_read_up_to   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (conv_kind, conv_id)
+    );
+    INSERT INTO watermarks_v2 (conv_kind, conv_id, delivered_up_to, read_up_to, my_read_up_to)
+    SELECT 0, peer_user, delivered_up_to, read_up_to, my_read_up_to FROM watermarks;
+    DROP TABLE watermarks;
+    ALTER TABLE watermarks_v2 RENAME TO watermarks;
+
+    -- Per conversation and reader: the watermarks of each participant, so that a receipt is
+    -- reported once even when it does not move my ticks (one member of many read).
+    CREATE TABLE reader_watermarks (
+        conv_kind       INTEGER NOT NULL,
+        conv_id         INTEGER NOT NULL,
+        reader_user     INTEGER NOT NULL,
+        delivered_up_to INTEGER NOT NULL DEFAULT 0,
+        read_up_to      INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (conv_kind, conv_id, reader_user)
+    );
+
+    -- Names of the groups seen in events or fetched, to name conversations offline, with
+    -- the group seq they were current at (a stale answer never restores an old name).
+    CREATE TABLE groups (
+        group_id INTEGER PRIMARY KEY,
+        name     TEXT    NOT NULL,
+        name_seq INTEGER NOT NULL DEFAULT 0
     );
     "#,
 ];

@@ -3,11 +3,15 @@
 use tern_proto::frames::{self, event};
 
 use super::*;
+use crate::types::Tick;
 
-const ME: u64 = 1;
-const BOB: u64 = 2;
+mod groups;
+mod migration;
 
-fn session() -> SavedSession {
+pub(super) const ME: u64 = 1;
+pub(super) const BOB: u64 = 2;
+
+pub(super) fn session() -> SavedSession {
     SavedSession {
         server: "http://127.0.0.1:1".into(),
         user_id: ME,
@@ -17,7 +21,7 @@ fn session() -> SavedSession {
     }
 }
 
-fn open(dir: &tempfile::TempDir) -> LocalStore {
+pub(super) fn open(dir: &tempfile::TempDir) -> LocalStore {
     let store = LocalStore::open(dir.path()).expect("open store");
     store.save_session(&session()).expect("save session");
     store
@@ -37,6 +41,7 @@ fn message(mailbox_seq: u64, seq: u64, sender: u64, text: &str) -> frames::Event
             client_msg_id: format!("m{seq}"),
             server_ts_ms: 1000 + seq as i64,
             body: text.as_bytes().to_vec(),
+            ..Default::default()
         })),
     }
 }
@@ -52,14 +57,15 @@ fn receipt(mailbox_seq: u64, reader: u64, kind: frames::ReceiptKind, up_to: u64)
             kind: kind as i32,
             up_to_seq: up_to,
             server_ts_ms: 5000,
+            ..Default::default()
         })),
     }
 }
 
 fn outbox_item(id: &str, text: &str) -> OutboxItem {
     OutboxItem {
-        peer_user: BOB,
-        peer_username: "bob".into(),
+        conv: Conv::Direct(BOB),
+        conv_name: "bob".into(),
         client_msg_id: id.into(),
         body: text.as_bytes().to_vec(),
     }
@@ -148,16 +154,17 @@ fn ticks_follow_receipts_and_only_rising_receipts_are_emitted() {
     for (i, seq) in [(1, 1), (2, 2)] {
         let sent = SentMessage {
             conversation: "bob".into(),
+            group: None,
             client_msg_id: format!("c{i}"),
             seq,
             server_ts_ms: 7,
         };
         store
-            .mark_sent(me.device_id, &sent, BOB)
+            .mark_sent(me.device_id, &sent, Conv::Direct(BOB))
             .expect("mark sent");
         // Idempotent.
         store
-            .mark_sent(me.device_id, &sent, BOB)
+            .mark_sent(me.device_id, &sent, Conv::Direct(BOB))
             .expect("mark sent again");
     }
     assert_eq!(status(&store), [Tick::Sent, Tick::Sent, Tick::Pending]);
@@ -215,13 +222,19 @@ fn sync_copies_are_outgoing_and_my_reads_move_my_read_position() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(store.read_position(BOB).expect("pos"), (Some(1), 0));
+    assert_eq!(
+        store.read_position(Conv::Direct(BOB)).expect("pos"),
+        (Some(1), 0)
+    );
     // My other device read the conversation: only my read position moves, not bob's ticks.
     let a = store
         .apply_events(ME, &[receipt(3, ME, frames::ReceiptKind::Read, 1)])
         .expect("apply");
     assert_eq!(a.events.len(), 1);
-    assert_eq!(store.read_position(BOB).expect("pos"), (Some(1), 1));
+    assert_eq!(
+        store.read_position(Conv::Direct(BOB)).expect("pos"),
+        (Some(1), 1)
+    );
     assert_eq!(
         store.sent_status(10).expect("status")[0].status,
         Some(Tick::Sent)

@@ -37,7 +37,8 @@ pub async fn register(
         return Err(ApiError::new(ErrorCode::Conflict, "username is taken"));
     }
     let password = req.password;
-    let hash = blocking(move || auth::hash_password(&password))
+    let cost = state.config.password_hashing;
+    let hash = blocking(move || auth::hash_password(&password, cost))
         .await?
         .map_err(|e| {
             tracing::error!(error = %e, "password hashing failed");
@@ -103,7 +104,7 @@ pub async fn login(
     let user = state.store.user_by_name(&username).await?;
     let (hash, user) = match user {
         Some(u) => (u.password_hash.clone(), Some(u)),
-        None => (auth::decoy_hash().to_owned(), None),
+        None => (state.decoy_hash.to_string(), None),
     };
     let password = req.password;
     let ok = blocking(move || auth::verify_password(&password, &hash)).await?;

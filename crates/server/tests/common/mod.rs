@@ -35,6 +35,12 @@ impl TestServer {
             ..Config::default()
         };
         config.last_seen_flush_secs = 1;
+        // Tests are not about password cost: keep argon2id cheap so that many accounts are quick.
+        config.password_hashing = tern_server::auth::PasswordCost {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
         tweak(&mut config);
         let state = AppState::build(config).expect("state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -110,6 +116,30 @@ impl Http {
         Self::answer(req.send().await.expect("request")).await
     }
 
+    pub async fn put(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        let mut req = self.client.put(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await.expect("request")).await
+    }
+
+    pub async fn patch(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .client
+            .patch(format!("{}{path}", self.base))
+            .json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await.expect("request")).await
+    }
+
     pub async fn delete(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
         let mut req = self.client.delete(format!("{}{path}", self.base));
         if let Some(t) = token {
@@ -166,9 +196,10 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 impl Raw {
     pub async fn open(addr: SocketAddr) -> Raw {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
-            .await
-            .expect("connect");
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/v1/ws"), None, true)
+                .await
+                .expect("connect");
         Raw { ws, next_id: 1 }
     }
 
