@@ -451,3 +451,85 @@ async fn a_stale_device_list_is_refreshed_without_user_action() {
     let got = messages(&mut b1, 2).await;
     assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), vec![1, 2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_through_the_sdk() {
+    let srv = TestServer::start().await;
+    let alice = register(&srv, "alice").await;
+    let bob = register(&srv, "bob").await;
+    let carol = register(&srv, "carol").await;
+    let mut b_events = bob.client.events();
+    let mut c_events = carol.client.events();
+    let mut a_events = alice.client.events();
+    for d in [&alice, &bob, &carol] {
+        online(d).await;
+    }
+    let info = alice
+        .client
+        .create_group("weekend", &["bob", "carol"], false)
+        .await
+        .expect("create");
+    assert_eq!(info.members.len(), 3);
+    let g = info.group_id;
+    let sent = alice
+        .client
+        .send_group_text(g, "saturday?")
+        .await
+        .expect("send");
+    assert_eq!(sent.seq, 2, "after the CREATED event");
+    for events in [&mut b_events, &mut c_events] {
+        let got = until(events, |e| match e {
+            Event::Message(m) if !m.is_system() => Some((
+                m.conversation.clone(),
+                m.from.clone(),
+                m.text.clone(),
+                m.seq,
+            )),
+            _ => None,
+        })
+        .await;
+        assert_eq!(
+            got,
+            (
+                g.to_string(),
+                "alice".to_owned(),
+                "saturday?".to_owned(),
+                Some(2)
+            )
+        );
+    }
+    bob.client.mark_group_read(g).await.expect("read");
+    carol.client.mark_group_read(g).await.expect("read");
+    until(&mut a_events, |e| match e {
+        Event::Receipt(r) if r.group == Some(g) && r.all_read_up_to >= 2 => Some(()),
+        _ => None,
+    })
+    .await;
+    let info = alice.client.message_info(g, 2).await.expect("info");
+    assert!(info.delivered_to_all && info.read_by_all, "{info:?}");
+    let status = alice.client.sent_status(10).expect("status");
+    let mine = status
+        .iter()
+        .find(|m| m.seq == Some(2) && m.group == Some(g))
+        .expect("my group message");
+    assert_eq!(mine.status, Some(Tick::Read));
+    // Bob may not add members; carol leaves; the group list follows.
+    let err = bob
+        .client
+        .add_members(g, &["alice"])
+        .await
+        .expect_err("not an admin");
+    assert!(
+        matches!(
+            err.code(),
+            Some(ErrorCode::Forbidden) | Some(ErrorCode::BadRequest)
+        ),
+        "{err:?}"
+    );
+    carol.client.leave_group(g).await.expect("leave");
+    assert!(carol.client.groups().await.expect("groups").is_empty());
+    assert_eq!(
+        bob.client.group_info(g).await.expect("info").members.len(),
+        2
+    );
+}
