@@ -156,6 +156,8 @@ pub enum GroupCommand {
     Demote { group: String, user: String },
     /// Rename a group (admins).
     Rename { group: String, name: String },
+    /// Set a group's description; "" removes it (admins).
+    Describe { group: String, description: String },
     /// Show a group's settings and members.
     Info { group: String },
     /// Change a group's settings (admins).

@@ -22,6 +22,7 @@ pub enum GroupAction {
     Demoted,
     Renamed,
     SettingsChanged,
+    Described,
     /// An action this SDK does not know (a newer server).
     Unknown,
 }
@@ -37,6 +38,7 @@ impl GroupAction {
             GroupAction::Demoted => "demoted",
             GroupAction::Renamed => "renamed",
             GroupAction::SettingsChanged => "settings_changed",
+            GroupAction::Described => "described",
             GroupAction::Unknown => "unknown",
         }
     }
@@ -51,6 +53,7 @@ impl GroupAction {
             Ok(frames::GroupAction::Demoted) => GroupAction::Demoted,
             Ok(frames::GroupAction::Renamed) => GroupAction::Renamed,
             Ok(frames::GroupAction::SettingsChanged) => GroupAction::SettingsChanged,
+            Ok(frames::GroupAction::Described) => GroupAction::Described,
             Ok(frames::GroupAction::Unspecified) | Err(_) => GroupAction::Unknown,
         }
     }
@@ -76,6 +79,8 @@ pub struct GroupChange {
     pub name: String,
     /// Whether every member may add members, after the change.
     pub members_can_add: bool,
+    /// The group's description after the change.
+    pub description: String,
 }
 
 impl GroupChange {
@@ -99,6 +104,7 @@ impl GroupChange {
             targets: ev.targets.iter().map(user).collect(),
             name: ev.name.clone(),
             members_can_add: ev.members_can_add,
+            description: ev.description.clone(),
         }
     }
 
@@ -113,6 +119,7 @@ impl GroupChange {
             targets: Vec::new(),
             name: String::new(),
             members_can_add: false,
+            description: String::new(),
         }
     }
 
@@ -143,6 +150,15 @@ impl GroupChange {
             GroupAction::Promoted => format!("{actor} made {targets} admin"),
             GroupAction::Demoted => format!("{actor} dismissed {targets} as admin"),
             GroupAction::Renamed => format!("{actor} renamed the group to {}", self.name),
+            GroupAction::Described if self.description.is_empty() => {
+                format!("{actor} removed the group description")
+            }
+            GroupAction::Described => {
+                format!(
+                    "{actor} changed the group description to {:?}",
+                    self.description
+                )
+            }
             GroupAction::SettingsChanged if self.members_can_add => {
                 format!("{actor} allowed every member to add members")
             }
@@ -181,6 +197,7 @@ mod tests {
             targets: targets.iter().map(|(i, n)| user(*i, n)).collect(),
             name: "Family".into(),
             members_can_add: false,
+            description: "our family".into(),
         }
         .encode_to_vec()
     }
@@ -205,6 +222,11 @@ mod tests {
             (A::Promoted, vec![(2, "bob")], "alice made bob admin"),
             (A::Demoted, vec![(2, "bob")], "alice dismissed bob as admin"),
             (A::Renamed, vec![], "alice renamed the group to Family"),
+            (
+                A::Described,
+                vec![],
+                "alice changed the group description to \"our family\"",
+            ),
             (
                 A::SettingsChanged,
                 vec![],

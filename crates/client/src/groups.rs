@@ -30,6 +30,7 @@ impl Client {
         let members = normalize_all(members)?;
         let req = CreateGroupRequest {
             name: name.to_owned(),
+            description: String::new(),
             members,
             members_can_add,
         };
@@ -57,6 +58,25 @@ impl Client {
             group_id,
             UpdateGroupRequest {
                 name: Some(name.to_owned()),
+                description: None,
+                members_can_add: None,
+            },
+        )
+        .await
+    }
+
+    /// Sets the group's description; an empty text removes it (admins only).
+    pub async fn describe_group(
+        &self,
+        group_id: u64,
+        description: &str,
+    ) -> Result<GroupInfo, Error> {
+        tern_proto::validate::group_description(description).map_err(Error::Invalid)?;
+        self.update_group(
+            group_id,
+            UpdateGroupRequest {
+                name: None,
+                description: Some(description.to_owned()),
                 members_can_add: None,
             },
         )
@@ -73,6 +93,7 @@ impl Client {
             group_id,
             UpdateGroupRequest {
                 name: None,
+                description: None,
                 members_can_add: Some(members_can_add),
             },
         )

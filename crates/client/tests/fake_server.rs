@@ -323,6 +323,7 @@ async fn groups(mut ws: Ws) {
         }],
         name: "Family".into(),
         members_can_add: false,
+        description: String::new(),
     };
     let system = frames::Message {
         conversation: Some(frames::Peer::group(GROUP)),

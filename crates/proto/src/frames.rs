@@ -285,6 +285,7 @@ pub enum GroupAction {
     Demoted = 6,
     Renamed = 7,
     SettingsChanged = 8,
+    Described = 9,
 }
 
 /// A user named in a [`GroupEvent`].
@@ -313,6 +314,9 @@ pub struct GroupEvent {
     /// Whether every member may add members, after the event.
     #[prost(bool, tag = "5")]
     pub members_can_add: bool,
+    /// The group's description after the event.
+    #[prost(string, tag = "6")]
+    pub description: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

@@ -154,6 +154,8 @@ impl Role {
 #[serde(deny_unknown_fields)]
 pub struct CreateGroupRequest {
     pub name: String,
+    #[serde(default)]
+    pub description: String,
     /// Usernames of the first members besides the creator.
     #[serde(default)]
     pub members: Vec<String>,
@@ -168,6 +170,8 @@ pub struct CreateGroupRequest {
 pub struct UpdateGroupRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members_can_add: Option<bool>,
 }
@@ -193,6 +197,8 @@ pub struct GroupMember {
 pub struct GroupInfo {
     pub group_id: u64,
     pub name: String,
+    #[serde(default)]
+    pub description: String,
     pub members_can_add: bool,
     pub created_at_ms: i64,
     pub members: Vec<GroupMember>,

@@ -19,6 +19,8 @@ pub const PASSWORD_MAX: usize = 1024;
 pub const DEVICE_NAME_MAX: usize = 64;
 /// Longest group name in bytes.
 pub const GROUP_NAME_MAX: usize = 100;
+/// Longest group description in bytes.
+pub const GROUP_DESCRIPTION_MAX: usize = 512;
 
 /// Limits a server enforces. Every size the server accepts is bounded by one of these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -69,6 +69,20 @@ pub fn group_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a group description: at most 512 bytes; line breaks allowed, other control
+/// characters not.
+pub fn group_description(text: &str) -> Result<(), String> {
+    if text.len() > GROUP_DESCRIPTION_MAX {
+        return Err(format!(
+            "group description must be at most {GROUP_DESCRIPTION_MAX} bytes"
+        ));
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err("group description must not contain control characters".into());
+    }
+    Ok(())
+}
+
 /// Checks a client message id: 1–64 bytes of printable ASCII.
 pub fn client_msg_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES {
@@ -127,6 +141,10 @@ mod tests {
         assert!(group_name("   ").is_err());
         assert!(group_name("a\nb").is_err());
         assert!(group_name(&"x".repeat(101)).is_err());
+        assert!(group_description("").is_ok());
+        assert!(group_description("line one\nline two").is_ok());
+        assert!(group_description("bell\u{7}").is_err());
+        assert!(group_description(&"x".repeat(513)).is_err());
     }
 
     #[test]

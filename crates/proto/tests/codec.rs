@@ -148,6 +148,7 @@ proptest! {
             action,
             actor: actor.map(user),
             targets: targets.into_iter().map(user).collect(),
+            description: name.chars().rev().collect(),
             name,
             members_can_add,
         };

@@ -314,7 +314,7 @@ async fn admin_rights_and_limits() {
     let (s, v) = http
         .patch(
             &format!("/v1/groups/{g}"),
-            json!({"name": "the club", "members_can_add": true}),
+            json!({"name": "the club", "description": "Saturdays at ten", "members_can_add": true}),
             Some(bob),
         )
         .await;
@@ -337,6 +337,7 @@ async fn admin_rights_and_limits() {
         GroupAction::Promoted,
         GroupAction::Added,
         GroupAction::Renamed,
+        GroupAction::Described,
         GroupAction::SettingsChanged,
     ];
     assert_eq!(actions, expected.map(|a| a as i32).to_vec());

@@ -76,6 +76,7 @@ mod tests {
         use Role::*;
         let add = GroupOp::Add(vec![9]);
         let upd = GroupOp::Update {
+            description: None,
             name: Some("x".into()),
             members_can_add: None,
         };

@@ -85,6 +85,7 @@ pub struct MemberRecord {
 pub struct GroupRecord {
     pub id: GroupId,
     pub name: String,
+    pub description: String,
     pub members_can_add: bool,
     pub created_at_ms: i64,
     pub last_seq: u64,
@@ -114,6 +115,7 @@ pub struct GroupSummaryRecord {
 pub struct NewGroup {
     pub creator: DeviceAuth,
     pub name: String,
+    pub description: String,
     /// The first members besides the creator (the creator is ignored if listed).
     pub members: Vec<UserId>,
     pub members_can_add: bool,
@@ -131,6 +133,7 @@ pub enum GroupOp {
     Demote(UserId),
     Update {
         name: Option<String>,
+        description: Option<String>,
         members_can_add: Option<bool>,
     },
 }

@@ -490,6 +490,7 @@ fn new_group(creator: &DeviceAuth, members: &[UserId]) -> NewGroup {
     NewGroup {
         creator: creator.clone(),
         name: "friends".into(),
+        description: String::new(),
         members: members.to_vec(),
         members_can_add: false,
         max_members: 5,
@@ -713,6 +714,7 @@ async fn group_rights_and_limits(f: Fixture) {
         (
             bob[0].clone(),
             GroupOp::Update {
+                description: None,
                 name: Some("mine".into()),
                 members_can_add: None,
             },
@@ -736,6 +738,7 @@ async fn group_rights_and_limits(f: Fixture) {
         alice[0].clone(),
         gid,
         GroupOp::Update {
+            description: None,
             name: None,
             members_can_add: Some(true),
         },

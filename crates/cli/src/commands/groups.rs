@@ -68,6 +68,10 @@ pub async fn group(
             let id = id(group).await?;
             show(out, timeout, client.rename_group(id, &name)).await
         }
+        GroupCommand::Describe { group, description } => {
+            let id = id(group).await?;
+            show(out, timeout, client.describe_group(id, &description)).await
+        }
         GroupCommand::Info { group } => {
             let id = id(group).await?;
             show(out, timeout, client.group_info(id)).await

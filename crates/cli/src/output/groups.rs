@@ -21,7 +21,8 @@ impl Printer {
                 })
                 .collect();
             self.line(&json!({
-                "type": "group", "group": g.group_id, "name": g.name, "members": members,
+                "type": "group", "group": g.group_id, "name": g.name,
+                "description": g.description, "members": members,
                 "members_can_add": g.members_can_add, "created_at": g.created_at_ms,
                 "last_seq": g.last_seq,
             }));
@@ -38,6 +39,9 @@ impl Printer {
                 g.members.len(),
                 format_time(g.created_at_ms)
             ));
+            if !g.description.is_empty() {
+                self.text(&format!("  {}", g.description.replace('\n', "\n  ")));
+            }
             let width = g
                 .members
                 .iter()

@@ -23,10 +23,7 @@ pub async fn create(
     Authed(who): Authed,
     ApiJson(req): ApiJson<CreateGroupRequest>,
 ) -> Result<(StatusCode, Json<GroupInfo>), ApiError> {
-    let g = state
-        .groups
-        .create(&who, &req.name, &req.members, req.members_can_add)
-        .await?;
+    let g = state.groups.create(&who, req).await?;
     Ok((StatusCode::CREATED, Json(g)))
 }
 
@@ -53,12 +50,7 @@ pub async fn update(
     Path(g): Path<String>,
     ApiJson(req): ApiJson<UpdateGroupRequest>,
 ) -> Result<Json<GroupInfo>, ApiError> {
-    Ok(Json(
-        state
-            .groups
-            .update(&who, id(&g)?, req.name, req.members_can_add)
-            .await?,
-    ))
+    Ok(Json(state.groups.update(&who, id(&g)?, req).await?))
 }
 
 pub async fn add_members(

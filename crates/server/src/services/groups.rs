@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
-use tern_proto::http::{GroupInfo, GroupMember, GroupSummary, MemberReceipt, MessageInfo};
+use tern_proto::http::{
+    CreateGroupRequest, GroupInfo, GroupMember, GroupSummary, MemberReceipt, MessageInfo,
+    UpdateGroupRequest,
+};
 use tern_proto::{ErrorCode, Limits, validate};
 use tern_store::{DeviceAuth, GroupChange, GroupId, GroupOp, GroupRecord, NewGroup, Store, UserId};
 
@@ -32,6 +35,7 @@ pub fn info(g: GroupRecord) -> GroupInfo {
     GroupInfo {
         group_id: g.id,
         name: g.name,
+        description: g.description,
         members_can_add: g.members_can_add,
         created_at_ms: g.created_at_ms,
         last_seq: g.last_seq,
@@ -100,19 +104,19 @@ impl Groups {
     pub async fn create(
         &self,
         who: &DeviceAuth,
-        name: &str,
-        members: &[String],
-        members_can_add: bool,
+        req: CreateGroupRequest,
     ) -> Result<GroupInfo, ApiError> {
-        validate::group_name(name).map_err(ApiError::bad_request)?;
-        let members = self.resolve(members).await?;
+        validate::group_name(&req.name).map_err(ApiError::bad_request)?;
+        validate::group_description(&req.description).map_err(ApiError::bad_request)?;
+        let members = self.resolve(&req.members).await?;
         let change = self
             .store
             .create_group(NewGroup {
                 creator: who.clone(),
-                name: name.trim().to_owned(),
+                name: req.name.trim().to_owned(),
+                description: req.description.trim().to_owned(),
                 members,
-                members_can_add,
+                members_can_add: req.members_can_add,
                 max_members: self.limits.max_group_members,
                 now_ms: self.clock.now_ms(),
             })
@@ -152,22 +156,20 @@ impl Groups {
         &self,
         who: &DeviceAuth,
         group: GroupId,
-        name: Option<String>,
-        members_can_add: Option<bool>,
+        req: UpdateGroupRequest,
     ) -> Result<GroupInfo, ApiError> {
-        if let Some(n) = &name {
+        if let Some(n) = &req.name {
             validate::group_name(n).map_err(ApiError::bad_request)?;
         }
-        let name = name.map(|n| n.trim().to_owned());
-        self.change(
-            who,
-            group,
-            GroupOp::Update {
-                name,
-                members_can_add,
-            },
-        )
-        .await
+        if let Some(d) = &req.description {
+            validate::group_description(d).map_err(ApiError::bad_request)?;
+        }
+        let op = GroupOp::Update {
+            name: req.name.map(|n| n.trim().to_owned()),
+            description: req.description.map(|d| d.trim().to_owned()),
+            members_can_add: req.members_can_add,
+        };
+        self.change(who, group, op).await
     }
 
     pub async fn add(

@@ -36,9 +36,9 @@ fn wire(u: &UserRef) -> WireUser {
 
 pub fn group(c: &Connection, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
     let conv = group as i64;
-    let Some((name, mca, created, next_seq)) = c
+    let Some((name, mca, created, next_seq, description)) = c
         .prepare_cached(
-            "SELECT g.name, g.members_can_add, g.created_at, c.next_seq FROM groups g
+            "SELECT g.name, g.members_can_add, g.created_at, c.next_seq, g.description FROM groups g
              JOIN conversations c ON c.id = g.conversation_id WHERE g.conversation_id = ?1",
         )?
         .query_row([conv], |r| {
@@ -47,6 +47,7 @@ pub fn group(c: &Connection, group: GroupId) -> Result<Option<GroupRecord>, Stor
                 r.get::<_, bool>(1)?,
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
             ))
         })
         .optional()?
@@ -72,6 +73,7 @@ pub fn group(c: &Connection, group: GroupId) -> Result<Option<GroupRecord>, Stor
     Ok(Some(GroupRecord {
         id: group,
         name,
+        description,
         members_can_add: mca,
         created_at_ms: created,
         last_seq: next_seq.saturating_sub(1) as u64,
@@ -99,6 +101,14 @@ fn insert_member(
     Ok(())
 }
 
+/// A group's name, description and settings: what every event states after it.
+#[derive(Clone)]
+struct Settings {
+    name: String,
+    description: String,
+    members_can_add: bool,
+}
+
 /// Everything one change wrote: the system messages' deliveries.
 struct Events<'a> {
     c: &'a Connection,
@@ -115,8 +125,7 @@ impl Events<'_> {
         &mut self,
         action: GroupAction,
         targets: &[UserRef],
-        name: &str,
-        mca: bool,
+        st: &Settings,
     ) -> Result<u64, StoreError> {
         let event = GroupEvent {
             action: action as i32,
@@ -125,15 +134,16 @@ impl Events<'_> {
                 username: self.actor.username.clone(),
             }),
             targets: targets.iter().map(wire).collect(),
-            name: name.to_owned(),
-            members_can_add: mca,
+            name: st.name.clone(),
+            members_can_add: st.members_can_add,
+            description: st.description.clone(),
         };
         let (seq, d) = post_system(
             self.c,
             self.cache,
             self.conv,
             self.actor,
-            name,
+            &st.name,
             event.encode_to_vec(),
             self.now,
         )?;
@@ -150,6 +160,7 @@ pub fn create_group(
     let NewGroup {
         creator,
         name,
+        description,
         mut members,
         members_can_add,
         max_members: max,
@@ -166,8 +177,11 @@ pub fn create_group(
     c.prepare_cached("INSERT INTO conversations (kind) VALUES (1)")?
         .execute([])?;
     let conv = c.last_insert_rowid();
-    c.prepare_cached("INSERT INTO groups (conversation_id, name, members_can_add, created_at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![conv, name, members_can_add, now])?;
+    c.prepare_cached(
+        "INSERT INTO groups (conversation_id, name, description, members_can_add, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![conv, name, description, members_can_add, now])?;
     // Members join at the CREATED event, which is seq 1.
     insert_member(c, conv, creator.user_id, Role::Owner, 1)?;
     for m in &members {
@@ -182,7 +196,12 @@ pub fn create_group(
         now,
         deliveries: Vec::new(),
     };
-    ev.emit(GroupAction::Created, &targets, name, members_can_add)?;
+    let st = Settings {
+        name: name.to_owned(),
+        description,
+        members_can_add,
+    };
+    ev.emit(GroupAction::Created, &targets, &st)?;
     let deliveries = ev.deliveries;
     let group = group(c, conv as GroupId)?.ok_or(StoreError::NotFound("group"))?;
     Ok(GroupChange { group, deliveries })
@@ -207,7 +226,11 @@ pub fn change_group(
         _ => None,
     };
     authorize(&op, actor_role, target_role, before.members_can_add)?;
-    let (mut name, mut mca) = (before.name.clone(), before.members_can_add);
+    let mut st = Settings {
+        name: before.name.clone(),
+        description: before.description.clone(),
+        members_can_add: before.members_can_add,
+    };
     let mut ev = Events {
         c,
         cache,
@@ -241,7 +264,7 @@ pub fn change_group(
                 insert_member(c, conv, *u, Role::Member, seq as u64)?;
             }
             ev.cache.invalidate(conv);
-            ev.emit(GroupAction::Added, &targets, &name, mca)?;
+            ev.emit(GroupAction::Added, &targets, &st)?;
         }
         GroupOp::Remove(user) | GroupOp::Promote(user) | GroupOp::Demote(user)
             if user == actor.user_id =>
@@ -253,14 +276,14 @@ pub fn change_group(
         GroupOp::Remove(user) => {
             let target = users(c, &[user])?;
             // The removed member receives its own removal, and nothing after it.
-            ev.emit(GroupAction::Removed, &target, &name, mca)?;
+            ev.emit(GroupAction::Removed, &target, &st)?;
             c.prepare_cached("DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2")?
                 .execute(params![conv, user as i64])?;
             ev.cache.invalidate(conv);
         }
         GroupOp::Leave => {
             let me = users(c, &[actor.user_id])?;
-            ev.emit(GroupAction::Left, &me, &name, mca)?;
+            ev.emit(GroupAction::Left, &me, &st)?;
             c.prepare_cached("DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2")?
                 .execute(params![conv, actor.user_id as i64])?;
             ev.cache.invalidate(conv);
@@ -276,12 +299,7 @@ pub fn change_group(
                         "UPDATE members SET role = 2 WHERE conversation_id = ?1 AND user_id = ?2",
                     )?
                     .execute(params![conv, heir.user.id as i64])?;
-                    ev.emit(
-                        GroupAction::Promoted,
-                        std::slice::from_ref(&heir.user),
-                        &name,
-                        mca,
-                    )?;
+                    ev.emit(GroupAction::Promoted, std::slice::from_ref(&heir.user), &st)?;
                 }
             }
         }
@@ -297,30 +315,38 @@ pub fn change_group(
             } else {
                 GroupAction::Demoted
             };
-            ev.emit(action, &target, &name, mca)?;
+            ev.emit(action, &target, &st)?;
         }
         GroupOp::Update {
-            name: new_name,
+            name,
+            description,
             members_can_add,
         } => {
-            let rename = new_name.filter(|n| *n != name);
-            let setting = members_can_add.filter(|m| *m != mca);
-            if rename.is_none() && setting.is_none() {
+            let rename = name.filter(|n| *n != st.name);
+            let describe = description.filter(|d| *d != st.description);
+            let setting = members_can_add.filter(|m| *m != st.members_can_add);
+            if rename.is_none() && describe.is_none() && setting.is_none() {
                 return Err(StoreError::Invalid("nothing to change".into()));
             }
             if let Some(n) = rename {
-                name = n;
+                st.name = n;
                 c.prepare_cached("UPDATE groups SET name = ?2 WHERE conversation_id = ?1")?
-                    .execute(params![conv, name])?;
-                ev.emit(GroupAction::Renamed, &[], &name, mca)?;
+                    .execute(params![conv, st.name])?;
+                ev.emit(GroupAction::Renamed, &[], &st)?;
+            }
+            if let Some(d) = describe {
+                st.description = d;
+                c.prepare_cached("UPDATE groups SET description = ?2 WHERE conversation_id = ?1")?
+                    .execute(params![conv, st.description])?;
+                ev.emit(GroupAction::Described, &[], &st)?;
             }
             if let Some(m) = setting {
-                mca = m;
+                st.members_can_add = m;
                 c.prepare_cached(
                     "UPDATE groups SET members_can_add = ?2 WHERE conversation_id = ?1",
                 )?
-                .execute(params![conv, mca])?;
-                ev.emit(GroupAction::SettingsChanged, &[], &name, mca)?;
+                .execute(params![conv, st.members_can_add])?;
+                ev.emit(GroupAction::SettingsChanged, &[], &st)?;
             }
         }
     }

@@ -41,6 +41,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE groups (
         conversation_id  INTEGER PRIMARY KEY REFERENCES conversations(id),
         name             TEXT NOT NULL,
+        description      TEXT NOT NULL DEFAULT '',
         members_can_add  INTEGER NOT NULL DEFAULT 0,
         created_at       INTEGER NOT NULL
     );

@@ -58,6 +58,7 @@ fn system_message(
         targets: targets.iter().copied().map(user).collect(),
         name: name.into(),
         members_can_add: false,
+        description: String::new(),
     }
     .encode_to_vec();
     frames::Event {
