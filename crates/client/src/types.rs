@@ -223,7 +223,9 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error
 pub enum Event {
     /// A new message (incoming, or a sync copy of one I sent from another device), emitted once
     /// per (conversation, seq) after it is stored locally, in seq order within a conversation.
-    Message(StoredMessage),
+    /// Boxed: a message is ten times the size of the other events, and every subscriber's
+    /// buffer holds up to 1024 events.
+    Message(Box<StoredMessage>),
     /// A peer's delivered/read watermark, or my own read position from another device, rose.
     Receipt(ReceiptEvent),
     /// One of my messages from the outbox got its tick (also for `send_text` callers).

@@ -27,7 +27,9 @@ impl LocalStore {
         for ev in batch {
             applied.ack_up_to = applied.ack_up_to.max(ev.mailbox_seq);
             let out = match &ev.kind {
-                Some(event::Kind::Message(m)) => apply_message(&tx, me, m)?.map(Event::Message),
+                Some(event::Kind::Message(m)) => {
+                    apply_message(&tx, me, m)?.map(|m| Event::Message(Box::new(m)))
+                }
                 Some(event::Kind::Receipt(r)) => apply_receipt(&tx, me, r)?.map(Event::Receipt),
                 None => {
                     tracing::warn!(

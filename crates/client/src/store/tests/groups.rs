@@ -105,7 +105,7 @@ fn messages(events: &[Event]) -> Vec<StoredMessage> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Message(m) => Some(m.clone()),
+            Event::Message(m) => Some((**m).clone()),
             _ => None,
         })
         .collect()
