@@ -1,0 +1,152 @@
+//! The server under test: either a `ternd` this tool starts (a throwaway data directory, the
+//! process optionally pinned to CPUs with `taskset`) or one already running (`--server`).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+pub struct Target {
+    pub url: String,
+    pub addr: String,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// Use a running server (http://host:port) instead of starting one. Memory is then not
+    /// measured unless --server-pid is given.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// The running server's process id, for memory figures with --server.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// The ternd binary to start (default: next to this binary).
+    #[arg(long)]
+    pub ternd: Option<PathBuf>,
+    /// Pin the started ternd to these CPUs (taskset -c LIST), e.g. "1".
+    #[arg(long)]
+    pub server_cpus: Option<String>,
+    /// Extra `--set KEY=VALUE` settings for the started ternd.
+    #[arg(long = "server-set", value_name = "KEY=VALUE")]
+    pub server_set: Vec<String>,
+}
+
+impl Target {
+    pub fn start(args: &TargetArgs) -> anyhow::Result<Target> {
+        if let Some(url) = &args.server {
+            let addr = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            return Ok(Target {
+                url: url.clone(),
+                addr,
+                child: None,
+                _dir: None,
+            });
+        }
+        let ternd = match &args.ternd {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?.with_file_name("ternd"),
+        };
+        if !ternd.exists() {
+            bail!(
+                "{} not found: build it (cargo build --release -p tern-server) or pass --ternd",
+                ternd.display()
+            );
+        }
+        let dir = tempfile::tempdir()?;
+        let mut cmd = match &args.server_cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(&ternd);
+                c
+            }
+            None => Command::new(&ternd),
+        };
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path());
+        // Account creation is set-up, not what is measured: keep argon2 cheap, and let one
+        // address log in as often as the set-up needs.
+        for kv in [
+            "password_hashing.memory_kib=64",
+            "password_hashing.iterations=1",
+            "login_attempts_per_minute_per_address=100000000",
+            "limits.login_attempts_per_minute=1000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(args.server_set.iter().cloned())
+        {
+            cmd.args(["--set", &kv]);
+        }
+        let mut child = cmd
+            .env("TERN_LOG", "warn,tern_server::app=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", ternd.display()))?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut told = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !told && let Some(rest) = line.split("addr=").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                    told = true;
+                } else if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("ternd: {line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .context("ternd did not report its address")?;
+        Ok(Target {
+            url: format!("http://{addr}"),
+            addr,
+            child: Some(child),
+            _dir: Some(dir),
+        })
+    }
+
+    pub fn pid(&self, args: &TargetArgs) -> Option<u32> {
+        self.child
+            .as_ref()
+            .map(|c| {
+                // With taskset, the child execs ternd in place: same pid.
+                c.id()
+            })
+            .or(args.server_pid)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Resident memory of a process in bytes (VmRSS), and its peak (VmHWM).
+pub fn rss(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
