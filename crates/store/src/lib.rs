@@ -73,7 +73,20 @@ pub trait Store: Send + Sync + 'static {
     /// that `post.devices` is exactly the recipient's devices plus the sender's other devices.
     /// To a group: after checking membership; every member device but the sending one gets an
     /// entry referencing the one stored body.
-    async fn post_message(&self, post: NewMessage) -> Result<PostOutcome, StoreError>;
+    async fn post_message(&self, post: NewMessage) -> Result<PostOutcome, StoreError> {
+        self.post_messages(vec![post])
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::Database("no outcome for a post".into())))
+    }
+
+    /// Stores several posts in order, in one transaction, each as if by `post_message`: one
+    /// outcome per post, and a refused post changes nothing and does not affect the others.
+    /// This is how one device's pipelined sends share a commit.
+    async fn post_messages(
+        &self,
+        posts: Vec<NewMessage>,
+    ) -> Result<Vec<Result<PostOutcome, StoreError>>, StoreError>;
 
     /// Up to `limit` entries of a device's mailbox with `mseq > after`, in order.
     async fn mailbox_after(

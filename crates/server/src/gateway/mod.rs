@@ -18,9 +18,11 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use prost::Message as _;
 use tern_proto::frames::{
-    ClientFrame, Done, Pong, Sent, ServerFrame, Synced, Welcome, client_frame, server_frame,
+    ClientFrame, DecodeError, Done, Pong, Sent, ServerFrame, Synced, Welcome, client_frame,
+    server_frame,
 };
 use tern_proto::{ErrorCode, PROTOCOL_VERSION};
 use tern_store::{DeviceAuth, MailboxEntry};
@@ -33,6 +35,8 @@ use cursor::{Cursor, Next};
 
 /// Mailbox entries read from the store at a time while draining.
 const DRAIN_PAGE: usize = 512;
+/// Most frames taken from the socket at once (pipelined requests answered together).
+const PIPELINE: usize = 64;
 
 /// Close codes (PROTOCOL.md §3).
 pub mod close {
@@ -232,25 +236,99 @@ impl Conn<'_> {
                 _ = self.outbox.wait() => {}
                 msg = self.socket.recv() => {
                     deadline = Instant::now() + idle;
-                    match msg {
-                        Some(Ok(Message::Binary(bytes))) => {
-                            if let Err(end) = self.request(&bytes).await {
-                                return end;
-                            }
-                        }
-                        Some(Ok(Message::Text(_))) => {
-                            let e = ApiError::bad_request("text frames are not part of the protocol; send binary protobuf frames");
-                            if let Err(end) = self.send(&e.to_frame(0)).await {
-                                return end;
-                            }
-                        }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Ok(Message::Close(_))) | None => return End::Gone,
-                        Some(Err(_)) => return End::Close(close::TOO_BIG, "frame too large or malformed"),
+                    if let Err(end) = self.incoming(msg).await {
+                        return end;
                     }
                 }
             }
         }
+    }
+
+    /// Handles what the client sent. Binary frames that are already waiting are taken together
+    /// (up to [`PIPELINE`]) so that one device's pipelined sends share a commit.
+    async fn incoming(&mut self, mut msg: Option<Result<Message, axum::Error>>) -> SendResult {
+        loop {
+            match msg {
+                Some(Ok(Message::Binary(first))) => {
+                    let mut frames = vec![first];
+                    let mut next = None;
+                    while frames.len() < PIPELINE {
+                        match self.socket.recv().now_or_never() {
+                            Some(Some(Ok(Message::Binary(b)))) => frames.push(b),
+                            Some(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    self.requests(frames).await?;
+                    match next {
+                        Some(other) => msg = other,
+                        None => return Ok(()),
+                    }
+                }
+                Some(Ok(Message::Text(_))) => {
+                    let e = ApiError::bad_request(
+                        "text frames are not part of the protocol; send binary protobuf frames",
+                    );
+                    return self.send(&e.to_frame(0)).await;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
+                Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+                Some(Err(_)) => {
+                    return Err(End::Close(close::TOO_BIG, "frame too large or malformed"));
+                }
+            }
+        }
+    }
+
+    /// Answers frames in order; consecutive sends go to the store together.
+    async fn requests(&mut self, frames: Vec<bytes::Bytes>) -> SendResult {
+        let limit = self.state.config.limits.max_frame_bytes;
+        let mut sends: Vec<(u64, tern_proto::frames::Send)> = Vec::new();
+        for bytes in frames {
+            match ClientFrame::decode_frame(&bytes, limit) {
+                Ok(ClientFrame {
+                    request_id,
+                    kind: Some(client_frame::Kind::Send(send)),
+                }) if request_id != 0 => sends.push((request_id, send)),
+                frame => {
+                    self.flush_sends(&mut sends).await?;
+                    self.request(frame).await?;
+                }
+            }
+        }
+        self.flush_sends(&mut sends).await
+    }
+
+    async fn flush_sends(
+        &mut self,
+        sends: &mut Vec<(u64, tern_proto::frames::Send)>,
+    ) -> SendResult {
+        if sends.is_empty() {
+            return Ok(());
+        }
+        let (ids, batch): (Vec<(u64, String)>, Vec<_>) = sends
+            .drain(..)
+            .map(|(rid, s)| ((rid, s.client_msg_id.clone()), s))
+            .unzip();
+        let answers = self.state.messaging.send_many(self.who, batch).await;
+        for ((rid, client_msg_id), answer) in ids.into_iter().zip(answers) {
+            let frame = match answer {
+                Ok(r) => ServerFrame {
+                    request_id: rid,
+                    kind: Some(server_frame::Kind::Sent(Sent {
+                        client_msg_id,
+                        seq: r.seq,
+                        server_ts_ms: r.server_ts_ms,
+                    })),
+                },
+                Err(e) => e.to_frame(rid),
+            };
+            self.send(&frame).await?;
+        }
+        Ok(())
     }
 
     /// Sends every entry in the store after the cursor, page by page.
@@ -326,9 +404,8 @@ impl Conn<'_> {
         Ok(())
     }
 
-    async fn request(&mut self, bytes: &[u8]) -> SendResult {
-        let limits = &self.state.config.limits;
-        let frame = match ClientFrame::decode_frame(bytes, limits.max_frame_bytes) {
+    async fn request(&mut self, frame: Result<ClientFrame, DecodeError>) -> SendResult {
+        let frame = match frame {
             Ok(f) => f,
             Err(e) => {
                 metrics::counter!("tern_malformed_frames_total").increment(1);

@@ -51,24 +51,18 @@ impl Messaging {
         }
     }
 
-    /// Validates and stores a message, then hands it to connected devices.
-    pub async fn send(
-        &self,
-        who: &DeviceAuth,
-        send: frames::Send,
-    ) -> Result<SendReceipt, ApiError> {
+    /// Checks a `Send` against the limits and turns it into a post.
+    fn validate(&self, who: &DeviceAuth, send: frames::Send) -> Result<NewMessage, ApiError> {
         validate::client_msg_id(&send.client_msg_id).map_err(ApiError::bad_request)?;
         let to = target(send.to.as_ref())?;
+        let max = self.limits.max_body_bytes;
         let too_large = |n: usize| {
             ApiError::new(
                 ErrorCode::TooLarge,
-                format!(
-                    "a body of {n} bytes exceeds the limit of {}",
-                    self.limits.max_body_bytes
-                ),
+                format!("a body of {n} bytes exceeds the limit of {max}"),
             )
         };
-        if send.body.len() > self.limits.max_body_bytes {
+        if send.body.len() > max {
             return Err(too_large(send.body.len()));
         }
         // A send addresses at most every device of two users.
@@ -78,7 +72,7 @@ impl Messaging {
         let mut devices = Vec::with_capacity(send.devices.len());
         for d in send.devices {
             if let Some(b) = &d.body
-                && b.len() > self.limits.max_body_bytes
+                && b.len() > max
             {
                 return Err(too_large(b.len()));
             }
@@ -87,18 +81,86 @@ impl Messaging {
                 body: d.body,
             });
         }
-        let outcome = self
-            .store
-            .post_message(NewMessage {
-                sender: who.clone(),
-                to,
-                client_msg_id: send.client_msg_id,
-                body: send.body,
-                devices,
-                now_ms: self.clock.now_ms(),
+        Ok(NewMessage {
+            sender: who.clone(),
+            to,
+            client_msg_id: send.client_msg_id,
+            body: send.body,
+            devices,
+            now_ms: self.clock.now_ms(),
+        })
+    }
+
+    /// Validates and stores a message, then hands it to connected devices.
+    pub async fn send(
+        &self,
+        who: &DeviceAuth,
+        send: frames::Send,
+    ) -> Result<SendReceipt, ApiError> {
+        self.send_many(who, vec![send])
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(ApiError::new(
+                    ErrorCode::Internal,
+                    "internal error; retry later",
+                ))
             })
-            .await?;
-        Ok(match outcome {
+    }
+
+    /// Validates and stores several messages of one device, in order, in one store call (so
+    /// they share one commit), then hands them to connected devices. One answer per message:
+    /// a refused message does not affect the others.
+    pub async fn send_many(
+        &self,
+        who: &DeviceAuth,
+        sends: Vec<frames::Send>,
+    ) -> Vec<Result<SendReceipt, ApiError>> {
+        let mut answers: Vec<Option<Result<SendReceipt, ApiError>>> =
+            Vec::with_capacity(sends.len());
+        let mut posts = Vec::with_capacity(sends.len());
+        for send in sends {
+            match self.validate(who, send) {
+                Ok(post) => {
+                    posts.push(post);
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        let stored = if posts.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.store.post_messages(posts).await
+        };
+        let mut outcomes = match stored {
+            Ok(v) => v.into_iter(),
+            Err(e) => {
+                let e = ApiError::from(e);
+                return answers
+                    .into_iter()
+                    .map(|a| a.unwrap_or_else(|| Err(e.clone())))
+                    .collect();
+            }
+        };
+        answers
+            .into_iter()
+            .map(|a| match a {
+                Some(refused) => refused,
+                None => match outcomes.next() {
+                    Some(Ok(outcome)) => Ok(self.outcome(outcome)),
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(ApiError::new(
+                        ErrorCode::Internal,
+                        "internal error; retry later",
+                    )),
+                },
+            })
+            .collect()
+    }
+
+    fn outcome(&self, outcome: PostOutcome) -> SendReceipt {
+        match outcome {
             PostOutcome::Stored {
                 seq,
                 server_ts_ms,
@@ -120,7 +182,7 @@ impl Messaging {
                     duplicate: true,
                 }
             }
-        })
+        }
     }
 
     /// Acknowledges the device's mailbox up to `up_to`; delivered receipts go to the senders.

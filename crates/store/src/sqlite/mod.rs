@@ -296,9 +296,26 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn post_message(&self, post: NewMessage) -> Result<PostOutcome, StoreError> {
-        self.write(move |t, cache| messaging::post_message(t, cache, &post))
-            .await
+    async fn post_messages(
+        &self,
+        posts: Vec<NewMessage>,
+    ) -> Result<Vec<Result<PostOutcome, StoreError>>, StoreError> {
+        self.write(move |t, cache| {
+            let mut out = Vec::with_capacity(posts.len());
+            for post in &posts {
+                t.execute_batch("SAVEPOINT post")?;
+                let r = messaging::post_message(t, cache, post);
+                if r.is_ok() {
+                    t.execute_batch("RELEASE post")?;
+                } else {
+                    cache.clear();
+                    t.execute_batch("ROLLBACK TO post; RELEASE post")?;
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn mailbox_after(
