@@ -370,8 +370,19 @@ async fn last_seen_follows_reciprocal_privacy() {
     let seen = bob.client.last_seen("alice").await.expect("last seen");
     assert!(seen.visible && seen.online, "{seen:?}");
     alice.client.close().await;
-    // The last seen is written in batches; the answer is current either way.
-    let seen = bob.client.last_seen("alice").await.expect("last seen");
+    // The server learns of the close a moment later; the last seen is written in batches, and
+    // the answer is current either way.
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let seen = bob.client.last_seen("alice").await.expect("last seen");
+            if !seen.online {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("alice goes offline");
     assert!(
         seen.visible && !seen.online && seen.last_seen_ms.is_some(),
         "{seen:?}"

@@ -443,9 +443,10 @@ async fn a_client_that_stops_reading_is_dropped_and_loses_nothing() {
     let http = srv.http();
     let (_, _, ta) = http.account("alice").await;
     let (bob, bd, tb) = http.account("bob").await;
-    let (mut stalled, _, _) = Raw::connect(srv.addr, &tb).await;
+    let (mut stalled, _, _) = Raw::greet(Raw::open_small_buffer(srv.addr).await, &tb).await;
     let (mut a, _, _) = Raw::connect(srv.addr, &ta).await;
-    // Far more than the socket buffers hold, so the server cannot write to bob any more.
+    // Far more than the socket buffers hold (bob's is 8 KiB), so the server cannot write to bob
+    // any more.
     const N: usize = 400;
     let body = vec![7u8; 15 * 1024];
     for i in 0..N {

@@ -203,9 +203,25 @@ impl Raw {
         Raw { ws, next_id: 1 }
     }
 
+    /// Like `open`, with a small kernel receive buffer, for tests of clients that stop reading.
+    pub async fn open_small_buffer(addr: SocketAddr) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(8 * 1024).expect("buffer size");
+        let stream = socket.connect(addr).await.expect("connect");
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/v1/ws"), stream)
+            .await
+            .expect("handshake");
+        Raw { ws, next_id: 1 }
+    }
+
     /// Opens, says Hello with `token`, and expects Welcome then reads up to Synced.
     pub async fn connect(addr: SocketAddr, token: &str) -> (Raw, Welcome, Vec<Event>) {
-        let mut raw = Raw::open(addr).await;
+        Raw::greet(Raw::open(addr).await, token).await
+    }
+
+    /// Says Hello on an open socket and reads up to Synced.
+    pub async fn greet(mut raw: Raw, token: &str) -> (Raw, Welcome, Vec<Event>) {
         let rid = raw
             .request(client_frame::Kind::Hello(Hello {
                 protocol_version: 1,
