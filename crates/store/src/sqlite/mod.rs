@@ -60,7 +60,13 @@ struct ReadPool {
     conns: Mutex<Vec<Connection>>,
 }
 
+/// Statements kept prepared per connection. rusqlite's default of 16 is fewer than the store's
+/// distinct statements, so the cache thrashed and SQL was parsed again on the hot path (seen in
+/// a profile of `tern-bench connect`: `sqlite3RunParser` and friends near the top).
+const STATEMENT_CACHE: usize = 256;
+
 fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -81,6 +87,7 @@ impl SqliteStore {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             r.busy_timeout(std::time::Duration::from_secs(5))?;
+            r.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             readers.push(r);
         }
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
