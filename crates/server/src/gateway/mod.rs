@@ -92,7 +92,10 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
 }
 
 async fn connection(mut socket: WebSocket, state: AppState) {
-    let who = match handshake(&mut socket, &state).await {
+    // The handshake, the drain and request handling are boxed: they run briefly, and inline
+    // they would make every idle connection's task as large as their largest state (measured:
+    // 3,000 bytes per connection future before, see BENCHMARKS.md).
+    let who = match Box::pin(handshake(&mut socket, &state)).await {
         Ok(who) => who,
         Err((code, reason)) => {
             close_with(&mut socket, code, reason).await;
@@ -211,7 +214,7 @@ struct Conn<'a> {
 
 impl Conn<'_> {
     async fn run(&mut self) -> End {
-        if let Err(end) = self.drain().await {
+        if let Err(end) = Box::pin(self.drain()).await {
             return end;
         }
         let synced = ServerFrame {
@@ -227,7 +230,7 @@ impl Conn<'_> {
         let mut deadline = Instant::now() + idle;
         let mut live = Vec::new();
         loop {
-            if let Err(end) = self.forward_live(&mut live).await {
+            if let Err(end) = Box::pin(self.forward_live(&mut live)).await {
                 return end;
             }
             tokio::select! {
@@ -236,7 +239,7 @@ impl Conn<'_> {
                 _ = self.outbox.wait() => {}
                 msg = self.socket.recv() => {
                     deadline = Instant::now() + idle;
-                    if let Err(end) = self.incoming(msg).await {
+                    if let Err(end) = Box::pin(self.incoming(msg)).await {
                         return end;
                     }
                 }
