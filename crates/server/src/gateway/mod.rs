@@ -173,8 +173,7 @@ async fn handshake(
         let _ = send_frame(socket, &e.to_frame(frame.request_id)).await;
         return Err((close::UNSUPPORTED_VERSION, "unsupported protocol version"));
     }
-    let header = format!("Bearer {}", hello.token);
-    let who = match crate::http::extract::authenticate(state, Some(&header)).await {
+    let who = match crate::http::extract::authenticate(state, &hello.token).await {
         Ok(who) => who,
         Err(e) => {
             let _ = send_frame(socket, &e.to_frame(frame.request_id)).await;
@@ -420,15 +419,9 @@ impl Conn<'_> {
         let reply = match frame.kind {
             _ if rid == 0 => Err(ApiError::bad_request("requests need a non-zero request_id")),
             Some(client_frame::Kind::Hello(_)) => Err(ApiError::bad_request("already greeted")),
+            // `requests` batches every send; one arriving here still takes the same path.
             Some(client_frame::Kind::Send(send)) => {
-                let id = send.client_msg_id.clone();
-                self.state.messaging.send(self.who, send).await.map(|r| {
-                    server_frame::Kind::Sent(Sent {
-                        client_msg_id: id,
-                        seq: r.seq,
-                        server_ts_ms: r.server_ts_ms,
-                    })
-                })
+                return self.flush_sends(&mut vec![(rid, send)]).await;
             }
             Some(client_frame::Kind::Ack(ack)) => {
                 // A device can only acknowledge what it was sent.

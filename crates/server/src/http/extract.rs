@@ -37,13 +37,13 @@ fn json_error(r: JsonRejection) -> ApiError {
 /// The device whose bearer token authenticated the request.
 pub struct Authed(pub DeviceAuth);
 
-/// Reads `Authorization: Bearer <token>` and resolves it to a device.
-pub async fn authenticate(state: &AppState, header: Option<&str>) -> Result<DeviceAuth, ApiError> {
-    let token = header
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && t.len() <= 256)
-        .ok_or_else(ApiError::unauthorized)?;
+/// Resolves an access token to its device (the token of `Authorization: Bearer <token>` over
+/// HTTP, of `Hello` on the socket).
+pub async fn authenticate(state: &AppState, token: &str) -> Result<DeviceAuth, ApiError> {
+    let token = token.trim();
+    if token.is_empty() || token.len() > 256 {
+        return Err(ApiError::unauthorized());
+    }
     state
         .store
         .device_by_token(&token_hash(token))
@@ -62,6 +62,9 @@ impl FromRequestParts<AppState> for Authed {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        authenticate(state, header).await.map(Authed)
+        let token = header
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(ApiError::unauthorized)?;
+        authenticate(state, token).await.map(Authed)
     }
 }

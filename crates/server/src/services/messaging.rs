@@ -91,23 +91,6 @@ impl Messaging {
         })
     }
 
-    /// Validates and stores a message, then hands it to connected devices.
-    pub async fn send(
-        &self,
-        who: &DeviceAuth,
-        send: frames::Send,
-    ) -> Result<SendReceipt, ApiError> {
-        self.send_many(who, vec![send])
-            .await
-            .pop()
-            .unwrap_or_else(|| {
-                Err(ApiError::new(
-                    ErrorCode::Internal,
-                    "internal error; retry later",
-                ))
-            })
-    }
-
     /// Validates and stores several messages of one device, in order, in one store call (so
     /// they share one commit), then hands them to connected devices. One answer per message:
     /// a refused message does not affect the others.

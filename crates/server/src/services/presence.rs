@@ -18,11 +18,19 @@ use crate::services::Clock;
 /// device, so this bounds memory by the number of connected devices anyway.
 const MAX_PENDING: usize = 100_000;
 
+/// Activity not yet written: per device (what the flush writes) and per user (what a last-seen
+/// read needs, without scanning every device under the lock).
+#[derive(Default)]
+struct Pending {
+    by_device: HashMap<DeviceId, LastSeenUpdate>,
+    by_user: HashMap<UserId, i64>,
+}
+
 pub struct Presence {
     store: Arc<dyn Store>,
     router: Arc<dyn Router>,
     clock: Arc<dyn Clock>,
-    pending: Mutex<HashMap<DeviceId, LastSeenUpdate>>,
+    pending: Mutex<Pending>,
     flush_now: tokio::sync::Notify,
 }
 
@@ -47,7 +55,7 @@ impl Presence {
             store,
             router,
             clock,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             flush_now: tokio::sync::Notify::new(),
         }
     }
@@ -56,7 +64,7 @@ impl Presence {
     pub fn touch(&self, user: UserId, device: DeviceId) {
         let at_ms = self.clock.now_ms();
         if let Ok(mut p) = self.pending.lock() {
-            p.insert(
+            p.by_device.insert(
                 device,
                 LastSeenUpdate {
                     user,
@@ -64,7 +72,8 @@ impl Presence {
                     at_ms,
                 },
             );
-            if p.len() >= MAX_PENDING {
+            p.by_user.insert(user, at_ms);
+            if p.by_device.len() >= MAX_PENDING {
                 self.flush_now.notify_one();
             }
         }
@@ -73,7 +82,10 @@ impl Presence {
     /// Writes pending updates in one batch.
     pub async fn flush(&self) {
         let batch: Vec<LastSeenUpdate> = match self.pending.lock() {
-            Ok(mut p) => p.drain().map(|(_, u)| u).collect(),
+            Ok(mut p) => {
+                p.by_user.clear();
+                p.by_device.drain().map(|(_, u)| u).collect()
+            }
             Err(_) => return,
         };
         let n = batch.len();
@@ -96,13 +108,7 @@ impl Presence {
     }
 
     fn pending_for(&self, user: UserId) -> Option<i64> {
-        self.pending
-            .lock()
-            .ok()?
-            .values()
-            .filter(|u| u.user == user)
-            .map(|u| u.at_ms)
-            .max()
+        self.pending.lock().ok()?.by_user.get(&user).copied()
     }
 
     /// What `viewer` may know of `target`'s last seen.
