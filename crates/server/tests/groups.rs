@@ -155,6 +155,11 @@ async fn a_removal_racing_with_sends_leaks_nothing_later() {
             .iter()
             .any(|(seq, kind, _)| *seq == removal && *kind == MessageKind::System as i32)
     );
+    // The race really happened: carol kept sending after bob's removal.
+    assert!(
+        alice.iter().any(|(seq, _, _)| *seq > removal),
+        "the removal landed after every send"
+    );
 }
 
 #[tokio::test]
