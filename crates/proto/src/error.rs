@@ -35,10 +35,18 @@ pub enum ErrorCode {
     Unavailable = 11,
     /// Some limit on how many of a thing one may have was reached (e.g. devices per user).
     LimitReached = 12,
+    /// The bytes received do not hash to what was declared (media id, tus `Upload-Checksum`).
+    ChecksumMismatch = 13,
+    /// The user's media quota would be exceeded.
+    QuotaExceeded = 14,
+    /// A streamed upload without `Content-Length`.
+    LengthRequired = 15,
+    /// A required precondition header is missing or unsupported (`Tus-Resumable`).
+    PreconditionFailed = 16,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -51,6 +59,10 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Unavailable,
         ErrorCode::LimitReached,
+        ErrorCode::ChecksumMismatch,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::LengthRequired,
+        ErrorCode::PreconditionFailed,
     ];
 
     /// The HTTP status that carries this code.
@@ -61,7 +73,11 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::DeviceMismatch | ErrorCode::LimitReached => 409,
-            ErrorCode::TooLarge => 413,
+            ErrorCode::TooLarge | ErrorCode::QuotaExceeded => 413,
+            ErrorCode::LengthRequired => 411,
+            ErrorCode::PreconditionFailed => 412,
+            // tus' "checksum mismatch".
+            ErrorCode::ChecksumMismatch => 460,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,
@@ -83,6 +99,10 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::ChecksumMismatch => "checksum_mismatch",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::LengthRequired => "length_required",
+            ErrorCode::PreconditionFailed => "precondition_failed",
         }
     }
 

@@ -239,3 +239,13 @@ pub struct MessageInfo {
     pub delivered_to_all: bool,
     pub read_by_all: bool,
 }
+
+/// `PUT /v1/media/{id}` and `POST /v1/media/{id}/claim`: the object and the caller's reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaObject {
+    /// Lowercase hex SHA-256 of the object's bytes.
+    pub id: String,
+    pub size: u64,
+    /// When the caller's reference lapses unless renewed by another claim.
+    pub expires_at_ms: u64,
+}

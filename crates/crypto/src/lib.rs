@@ -1,0 +1,1 @@
+//! Client-side cryptography for tern. The server never depends on this crate.
