@@ -21,6 +21,10 @@ pub enum StoreError {
     Forbidden(String),
     #[error("the group is full ({0} members)")]
     GroupFull(usize),
+    #[error("media quota exceeded: {used} of {quota} bytes in use, {wanted} more wanted")]
+    QuotaExceeded { used: u64, wanted: u64, quota: u64 },
+    #[error("the limit of {0} incomplete uploads is reached")]
+    UploadLimit(usize),
     #[error("database error: {0}")]
     Database(String),
     #[error("the store is closed")]

@@ -150,6 +150,55 @@ pub trait Store: Send + Sync + 'static {
         seq: u64,
     ) -> Result<Option<MessageInfoRecord>, StoreError>;
 
+    // --- media (metadata only; the bytes live in the server's blob store) ---
+
+    /// Reserves an incomplete upload of `length` bytes for its user, after checking the user's
+    /// quota ([`StoreError::QuotaExceeded`]: referenced objects plus incomplete uploads) and
+    /// count of incomplete uploads ([`StoreError::UploadLimit`]).
+    async fn create_upload(&self, upload: NewUpload, limits: MediaLimits)
+    -> Result<(), StoreError>;
+
+    async fn upload(&self, id: &str) -> Result<Option<UploadRecord>, StoreError>;
+
+    /// Records a completed upload: the object (if new), the uploader's reference (renewed to
+    /// `ref_expires_at_ms` if it had one) and the upload's result, in one transaction. The upload
+    /// no longer counts towards the quota as incomplete; the object does, through the reference.
+    async fn finish_upload(
+        &self,
+        id: &str,
+        media: MediaHash,
+        size: u64,
+        ref_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<MediaGrant, StoreError>;
+
+    /// Forgets an upload (terminated, expired or failed). Whether it existed.
+    async fn delete_upload(&self, id: &str) -> Result<bool, StoreError>;
+
+    async fn media(&self, id: MediaHash) -> Result<Option<MediaRecord>, StoreError>;
+
+    /// Gives `user` a reference to an existing object until `expires_at_ms` (renewing a live
+    /// one), charging the quota only if it held none. `None` if the object does not exist.
+    async fn claim_media(
+        &self,
+        id: MediaHash,
+        user: UserId,
+        expires_at_ms: i64,
+        now_ms: i64,
+        limits: MediaLimits,
+    ) -> Result<Option<MediaGrant>, StoreError>;
+
+    /// Drops `user`'s reference. Whether it had one.
+    async fn drop_media_ref(&self, id: MediaHash, user: UserId) -> Result<bool, StoreError>;
+
+    /// Garbage, oldest first, at most `limit` of each: uploads past their expiry, and objects no
+    /// live reference holds.
+    async fn media_garbage(&self, now_ms: i64, limit: usize) -> Result<MediaGarbage, StoreError>;
+
+    /// Deletes an object's record if no live reference holds it (anymore); whether it did. The
+    /// caller deletes the bytes only after this said yes.
+    async fn forget_media(&self, id: MediaHash, now_ms: i64) -> Result<bool, StoreError>;
+
     /// A cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;
 

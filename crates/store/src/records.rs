@@ -248,3 +248,62 @@ pub enum PostOutcome {
     /// The same `(sender device, client_msg_id)` was stored before: its original answer.
     Duplicate { seq: u64, server_ts_ms: i64 },
 }
+
+/// A media object's id: the SHA-256 of its bytes.
+pub type MediaHash = [u8; 32];
+
+/// Quota settings passed with the media calls that may charge a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaLimits {
+    /// Bytes a user may hold: referenced objects plus incomplete uploads.
+    pub quota_bytes: u64,
+    /// Incomplete uploads a user may have at once.
+    pub max_uploads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewUpload {
+    /// Random, unguessable (it is part of the upload's URL).
+    pub id: String,
+    pub user: UserId,
+    pub length: u64,
+    /// The object id the bytes must hash to, if the client declared it.
+    pub expected: Option<MediaHash>,
+    pub now_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRecord {
+    pub id: String,
+    pub user: UserId,
+    pub length: u64,
+    pub expected: Option<MediaHash>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// Set once the upload completed.
+    pub media: Option<MediaHash>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaRecord {
+    pub id: MediaHash,
+    pub size: u64,
+    pub created_at_ms: i64,
+}
+
+/// A user's reference to an object, as granted by an upload or a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaGrant {
+    pub id: MediaHash,
+    pub size: u64,
+    pub expires_at_ms: i64,
+    /// Whether this call stored the object (false: it existed already).
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MediaGarbage {
+    pub expired_uploads: Vec<String>,
+    pub unreferenced: Vec<MediaHash>,
+}

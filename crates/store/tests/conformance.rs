@@ -886,6 +886,186 @@ async fn group_receipts_and_message_info(f: Fixture) {
     );
 }
 
+const LIMITS: MediaLimits = MediaLimits {
+    quota_bytes: 1000,
+    max_uploads: 2,
+};
+
+fn new_upload(id: &str, user: UserId, length: u64, expected: Option<MediaHash>) -> NewUpload {
+    NewUpload {
+        id: id.into(),
+        user,
+        length,
+        expected,
+        now_ms: 100,
+        expires_at_ms: 1_000,
+    }
+}
+
+async fn media_uploads_quota_and_references(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await[0].user_id;
+    let bob = user(s, "bob", 1).await[0].user_id;
+    let h1 = [1u8; 32];
+
+    // Quota and count are checked when the upload is created, before any byte.
+    s.create_upload(new_upload("u1", alice, 600, Some(h1)), LIMITS)
+        .await
+        .expect("u1");
+    assert_eq!(
+        s.create_upload(new_upload("u2", alice, 401, None), LIMITS)
+            .await,
+        Err(StoreError::QuotaExceeded {
+            used: 600,
+            wanted: 401,
+            quota: 1000
+        })
+    );
+    assert_eq!(
+        s.upload("u2").await.expect("read"),
+        None,
+        "a refusal stores nothing"
+    );
+    s.create_upload(new_upload("u2", alice, 100, None), LIMITS)
+        .await
+        .expect("u2");
+    assert_eq!(
+        s.create_upload(new_upload("u3", alice, 1, None), LIMITS)
+            .await,
+        Err(StoreError::UploadLimit(2))
+    );
+    let up = s.upload("u1").await.expect("read").expect("u1");
+    assert_eq!(
+        (up.user, up.length, up.expected, up.media),
+        (alice, 600, Some(h1), None)
+    );
+
+    // Finishing checks the declared hash and size, and turns the reservation into a reference.
+    assert!(matches!(
+        s.finish_upload("u1", [9; 32], 600, 5_000, 200).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.finish_upload("u1", h1, 599, 5_000, 200).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let grant = s
+        .finish_upload("u1", h1, 600, 5_000, 200)
+        .await
+        .expect("finish");
+    assert_eq!(
+        (grant.size, grant.expires_at_ms, grant.created),
+        (600, 5_000, true)
+    );
+    assert_eq!(
+        s.upload("u1").await.expect("read").expect("u1").media,
+        Some(h1)
+    );
+    assert!(matches!(
+        s.finish_upload("u1", h1, 600, 5_000, 200).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let m = s.media(h1).await.expect("read").expect("object");
+    assert_eq!((m.size, m.created_at_ms), (600, 200));
+    // Completed uploads do not count as incomplete: a third upload fits in count (not quota).
+    assert!(matches!(
+        s.create_upload(new_upload("u3", alice, 301, None), LIMITS)
+            .await,
+        Err(StoreError::QuotaExceeded { used: 700, .. })
+    ));
+
+    // Claims: charge the quota of a user without a live reference; renew without shrinking.
+    let tight = MediaLimits {
+        quota_bytes: 599,
+        max_uploads: 2,
+    };
+    assert!(matches!(
+        s.claim_media(h1, bob, 9_000, 300, tight).await,
+        Err(StoreError::QuotaExceeded { .. })
+    ));
+    let g = s
+        .claim_media(h1, bob, 9_000, 300, LIMITS)
+        .await
+        .expect("claim")
+        .expect("exists");
+    assert_eq!((g.size, g.expires_at_ms, g.created), (600, 9_000, false));
+    let g = s
+        .claim_media(h1, bob, 8_000, 300, tight)
+        .await
+        .expect("renewal is not charged again")
+        .expect("exists");
+    assert_eq!(g.expires_at_ms, 9_000, "a reference never shrinks");
+    assert_eq!(
+        s.claim_media([7; 32], bob, 9_000, 300, LIMITS).await,
+        Ok(None)
+    );
+
+    // A second upload of the same bytes finds the object and only adds a reference.
+    s.create_upload(new_upload("b1", bob, 600, None), LIMITS)
+        .await
+        .expect_err("bob holds 600 of 1000 already");
+    assert!(s.drop_media_ref(h1, bob).await.expect("drop"));
+    assert!(!s.drop_media_ref(h1, bob).await.expect("drop again"));
+    s.create_upload(new_upload("b1", bob, 600, None), LIMITS)
+        .await
+        .expect("b1");
+    let g = s
+        .finish_upload("b1", h1, 600, 6_000, 400)
+        .await
+        .expect("finish");
+    assert!(!g.created);
+    assert!(s.delete_upload("u2").await.expect("delete"));
+    assert!(!s.delete_upload("u2").await.expect("delete again"));
+    assert_eq!(s.upload("u2").await.expect("read"), None);
+}
+
+async fn media_garbage_is_expired_uploads_and_unreferenced_objects(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await[0].user_id;
+    let bob = user(s, "bob", 1).await[0].user_id;
+    let (h1, h2) = ([1u8; 32], [2u8; 32]);
+    for (id, h, exp) in [("a", h1, 5_000), ("b", h2, 3_000)] {
+        s.create_upload(new_upload(id, alice, 10, None), LIMITS)
+            .await
+            .expect("upload");
+        s.finish_upload(id, h, 10, exp, 200).await.expect("finish");
+    }
+    s.create_upload(new_upload("open", alice, 10, None), LIMITS)
+        .await
+        .expect("upload");
+    s.claim_media(h1, bob, 8_000, 300, LIMITS)
+        .await
+        .expect("claim")
+        .expect("exists");
+
+    let g = s.media_garbage(999, 10).await.expect("garbage");
+    assert_eq!(g, MediaGarbage::default(), "nothing has expired yet");
+    let g = s.media_garbage(1_000, 10).await.expect("garbage");
+    assert_eq!(g.expired_uploads.len(), 3, "every upload row expires");
+    assert!(g.unreferenced.is_empty());
+    let g = s.media_garbage(4_000, 10).await.expect("garbage");
+    assert_eq!(g.unreferenced, vec![h2]);
+    let g = s.media_garbage(6_000, 10).await.expect("garbage");
+    assert_eq!(g.unreferenced, vec![h2], "bob still holds h1");
+    let g = s.media_garbage(6_000, 1).await.expect("garbage");
+    assert_eq!(g.expired_uploads.len(), 1, "bounded by the limit");
+
+    // Forgetting rechecks: a reference taken since the listing keeps the object.
+    s.claim_media(h2, bob, 10_000, 4_000, LIMITS)
+        .await
+        .expect("claim")
+        .expect("exists");
+    assert!(!s.forget_media(h2, 4_000).await.expect("forget"));
+    assert!(s.media(h2).await.expect("read").is_some());
+    assert!(s.forget_media(h2, 10_000).await.expect("forget"));
+    assert_eq!(s.media(h2).await.expect("read"), None);
+    assert_eq!(
+        s.claim_media(h2, alice, 20_000, 10_000, LIMITS).await,
+        Ok(None),
+        "a forgotten object cannot be claimed"
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -903,7 +1083,9 @@ macro_rules! conformance {
                 groups_fan_out_one_body_in_one_order,
                 membership_bounds_what_members_see,
                 group_rights_and_limits,
-                group_receipts_and_message_info);
+                group_receipts_and_message_info,
+                media_uploads_quota_and_references,
+                media_garbage_is_expired_uploads_and_unreferenced_objects);
         }
     };
     (@tests $make:expr; $($name:ident),*) => {

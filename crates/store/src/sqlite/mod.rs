@@ -13,6 +13,7 @@
 mod accounts;
 mod cache;
 mod groups;
+mod media;
 mod messaging;
 mod schema;
 
@@ -393,6 +394,71 @@ impl Store for SqliteStore {
         seq: u64,
     ) -> Result<Option<MessageInfoRecord>, StoreError> {
         self.read(move |c| groups::message_info(c, group, seq))
+            .await
+    }
+
+    async fn create_upload(
+        &self,
+        upload: NewUpload,
+        limits: MediaLimits,
+    ) -> Result<(), StoreError> {
+        self.write(move |t, _| media::create_upload(t, &upload, limits))
+            .await
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<UploadRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| media::upload(c, &id)).await
+    }
+
+    async fn finish_upload(
+        &self,
+        id: &str,
+        media: MediaHash,
+        size: u64,
+        ref_expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<MediaGrant, StoreError> {
+        let id = id.to_owned();
+        self.write(move |t, _| {
+            media::finish_upload(t, &id, &media, size, ref_expires_at_ms, now_ms)
+        })
+        .await
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write(move |t, _| media::delete_upload(t, &id)).await
+    }
+
+    async fn media(&self, id: MediaHash) -> Result<Option<MediaRecord>, StoreError> {
+        self.read(move |c| media::media(c, &id)).await
+    }
+
+    async fn claim_media(
+        &self,
+        id: MediaHash,
+        user: UserId,
+        expires_at_ms: i64,
+        now_ms: i64,
+        limits: MediaLimits,
+    ) -> Result<Option<MediaGrant>, StoreError> {
+        self.write(move |t, _| media::claim_media(t, &id, user, expires_at_ms, now_ms, limits))
+            .await
+    }
+
+    async fn drop_media_ref(&self, id: MediaHash, user: UserId) -> Result<bool, StoreError> {
+        self.write(move |t, _| media::drop_media_ref(t, &id, user))
+            .await
+    }
+
+    async fn media_garbage(&self, now_ms: i64, limit: usize) -> Result<MediaGarbage, StoreError> {
+        self.read(move |c| media::media_garbage(c, now_ms, limit))
+            .await
+    }
+
+    async fn forget_media(&self, id: MediaHash, now_ms: i64) -> Result<bool, StoreError> {
+        self.write(move |t, _| media::forget_media(t, &id, now_ms))
             .await
     }
 

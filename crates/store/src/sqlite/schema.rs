@@ -96,6 +96,33 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (conversation_id, reader)
     ) WITHOUT ROWID;
     "#,
+    // 2: media metadata. The bytes live in the server's blob store; these rows say which
+    //    objects exist, who references them until when, and the incomplete uploads.
+    r#"
+    CREATE TABLE media (
+        id          BLOB PRIMARY KEY,
+        size        INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE media_refs (
+        media_id    BLOB NOT NULL REFERENCES media(id) ON DELETE CASCADE,
+        user_id     INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        PRIMARY KEY (user_id, media_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX media_refs_by_media ON media_refs (media_id, expires_at);
+    CREATE TABLE uploads (
+        id          TEXT PRIMARY KEY,
+        user_id     INTEGER NOT NULL,
+        length      INTEGER NOT NULL,
+        expected    BLOB,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        media_id    BLOB
+    ) WITHOUT ROWID;
+    CREATE INDEX uploads_by_user ON uploads (user_id) WHERE media_id IS NULL;
+    CREATE INDEX uploads_by_expiry ON uploads (expires_at);
+    "#,
 ];
 
 /// Brings the database to the latest schema.
