@@ -15,7 +15,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{BlobBackend, Config};
+use crate::media::{BlobStore, FsBlobs, Media};
 use crate::router::{LocalRouter, Router};
 use crate::services::groups::Groups;
 use crate::services::messaging::Messaging;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub messaging: Arc<Messaging>,
     pub groups: Arc<Groups>,
     pub presence: Arc<Presence>,
+    pub media: Arc<Media>,
     pub login_by_user: Arc<DefaultKeyedRateLimiter<String>>,
     pub login_by_addr: Arc<DefaultKeyedRateLimiter<std::net::IpAddr>>,
     pub metrics: PrometheusHandle,
@@ -74,12 +76,22 @@ impl AppState {
                 readers: config.sqlite_readers,
             },
         )?;
-        Ok(AppState::with_parts(
+        let blobs: Arc<dyn BlobStore> = match config.media.backend {
+            BlobBackend::Fs => Arc::new(FsBlobs::new(config.data_dir.join("media"))?),
+            #[cfg(feature = "s3")]
+            BlobBackend::S3 => Arc::new(crate::media::s3::S3Blobs::new(&config.media.s3)?),
+            #[cfg(not(feature = "s3"))]
+            BlobBackend::S3 => {
+                anyhow::bail!("media.backend = \"s3\" needs a ternd built with `--features s3`")
+            }
+        };
+        AppState::with_parts(
             config,
             Arc::new(store),
             Arc::new(LocalRouter::default()),
             Arc::new(SystemClock),
-        ))
+            blobs,
+        )
     }
 
     /// Builds the state from given parts (another store, router or clock).
@@ -88,7 +100,8 @@ impl AppState {
         store: Arc<dyn Store>,
         router: Arc<dyn Router>,
         clock: Arc<dyn Clock>,
-    ) -> AppState {
+        blobs: Arc<dyn BlobStore>,
+    ) -> anyhow::Result<AppState> {
         let messaging = Arc::new(Messaging::new(
             store.clone(),
             router.clone(),
@@ -105,7 +118,14 @@ impl AppState {
             config.limits.clone(),
         ));
         let presence = Arc::new(Presence::new(store.clone(), router.clone(), clock.clone()));
-        AppState {
+        let media = Arc::new(Media::new(
+            store.clone(),
+            blobs,
+            clock.clone(),
+            config.media.clone(),
+            config.data_dir.join("uploads"),
+        )?);
+        Ok(AppState {
             login_by_user: Arc::new(RateLimiter::keyed(per_minute(
                 config.limits.login_attempts_per_minute,
             ))),
@@ -119,11 +139,12 @@ impl AppState {
             messaging,
             groups,
             presence,
+            media,
             metrics: prometheus(),
             decoy_hash,
             connections: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-        }
+        })
     }
 }
 
@@ -180,11 +201,24 @@ pub async fn run(
     served.map_err(Into::into)
 }
 
-/// Periodic upkeep: forget idle rate-limiter keys so the limiters stay bounded.
+/// Periodic upkeep: forget idle rate-limiter keys so the limiters stay bounded; collect media
+/// garbage every `media.gc_interval_secs` (and once at start).
 async fn housekeeping(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let gc_every = Duration::from_secs(state.config.media.gc_interval_secs);
+    let mut last_gc: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
+        if last_gc.is_none_or(|t| t.elapsed() >= gc_every) {
+            last_gc = Some(tokio::time::Instant::now());
+            match state.media.collect_garbage(state.clock.now_ms()).await {
+                Ok(r) if r.uploads + r.objects > 0 => {
+                    tracing::info!(uploads = r.uploads, objects = r.objects, "media collected");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e.message, "media collection failed"),
+            }
+        }
         state.login_by_user.retain_recent();
         state.login_by_addr.retain_recent();
         state.login_by_user.shrink_to_fit();

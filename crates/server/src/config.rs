@@ -26,6 +26,80 @@ pub struct Config {
     pub limits: Limits,
     /// argon2id cost of password hashes.
     pub password_hashing: crate::auth::PasswordCost,
+    /// Media: blob store, limits, quotas and retention.
+    pub media: MediaConfig,
+}
+
+/// Where media objects are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobBackend {
+    /// Files under `data_dir/media` (the default).
+    Fs,
+    /// An S3-compatible object store (see `[media.s3]`); needs a build with the `s3` feature.
+    S3,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    pub backend: BlobBackend,
+    /// Largest object, in bytes.
+    pub max_object_bytes: u64,
+    /// Bytes one user may hold: the objects it references plus its incomplete uploads.
+    pub quota_bytes: u64,
+    /// Incomplete uploads one user may have at once.
+    pub max_uploads_per_user: usize,
+    /// Days an upload or a claim keeps an object referenced.
+    pub retention_days: u64,
+    /// Hours an incomplete resumable upload is kept.
+    pub upload_expiry_hours: u64,
+    /// Seconds between garbage collections.
+    pub gc_interval_secs: u64,
+    pub s3: S3Config,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            backend: BlobBackend::Fs,
+            max_object_bytes: 2 << 30,
+            quota_bytes: 10 << 30,
+            max_uploads_per_user: 16,
+            retention_days: 30,
+            upload_expiry_hours: 24,
+            gc_interval_secs: 3600,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+/// An S3-compatible bucket. Empty strings are taken from the standard `AWS_*` environment
+/// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: String,
+    /// e.g. `http://127.0.0.1:9000` for a local S3-compatible server; empty for AWS.
+    pub endpoint: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Allow a plain-HTTP endpoint (local servers only).
+    pub allow_http: bool,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -38,6 +112,7 @@ impl Default for Config {
             sqlite_readers: 4,
             limits: Limits::default(),
             password_hashing: crate::auth::PasswordCost::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -148,6 +223,22 @@ impl Config {
         }
         if self.last_seen_flush_secs == 0 || self.sqlite_readers == 0 {
             return bad("last_seen_flush_secs and sqlite_readers must be positive");
+        }
+        let m = &self.media;
+        if m.max_object_bytes == 0 || m.quota_bytes < m.max_object_bytes {
+            return bad("media.max_object_bytes must be positive and at most media.quota_bytes");
+        }
+        if m.max_uploads_per_user == 0
+            || m.retention_days == 0
+            || m.upload_expiry_hours == 0
+            || m.gc_interval_secs == 0
+        {
+            return bad(
+                "media.max_uploads_per_user, retention_days, upload_expiry_hours and gc_interval_secs must be positive",
+            );
+        }
+        if m.backend == BlobBackend::S3 && m.s3.bucket.is_empty() {
+            return bad("media.s3.bucket is required with media.backend = \"s3\"");
         }
         Ok(())
     }

@@ -80,6 +80,20 @@ impl From<StoreError> for ApiError {
                 ErrorCode::LimitReached,
                 format!("the group is full ({n} members at most)"),
             ),
+            StoreError::QuotaExceeded {
+                used,
+                wanted,
+                quota,
+            } => ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "media quota exceeded: {used} of {quota} bytes in use, {wanted} more wanted"
+                ),
+            ),
+            StoreError::UploadLimit(n) => ApiError::new(
+                ErrorCode::LimitReached,
+                format!("at most {n} incomplete uploads at once"),
+            ),
             StoreError::Closed => {
                 ApiError::new(ErrorCode::Unavailable, "the server is shutting down")
             }
@@ -131,6 +145,15 @@ mod tests {
             (StoreError::Invalid("x".into()), ErrorCode::BadRequest),
             (StoreError::Forbidden("x".into()), ErrorCode::Forbidden),
             (StoreError::GroupFull(3), ErrorCode::LimitReached),
+            (StoreError::UploadLimit(3), ErrorCode::LimitReached),
+            (
+                StoreError::QuotaExceeded {
+                    used: 1,
+                    wanted: 2,
+                    quota: 2,
+                },
+                ErrorCode::QuotaExceeded,
+            ),
             (StoreError::Closed, ErrorCode::Unavailable),
             (StoreError::Database("disk".into()), ErrorCode::Internal),
         ];

@@ -8,6 +8,7 @@
 //! - [`router`]: which connection holds which device, and live hand-off of mailbox entries.
 //! - [`services`]: messaging (send, ack, read) and presence (last seen), on top of the store
 //!   and the router.
+//! - [`media`]: media objects and resumable uploads: blob store, quotas, garbage collection.
 //! - [`http`]: the JSON API under `/v1`, health and metrics.
 //! - [`gateway`]: the WebSocket endpoint, one task per connection.
 //! - [`app`]: the composition root that builds [`app::AppState`] and [`run`], the entry point.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod media;
 pub mod router;
 pub mod services;
 

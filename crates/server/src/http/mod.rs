@@ -4,12 +4,14 @@
 mod accounts;
 pub mod extract;
 mod groups;
+mod media;
+mod uploads;
 mod users;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, head, options, post, put};
 
 use crate::app::AppState;
 
@@ -42,6 +44,28 @@ pub fn router(state: AppState) -> Router {
             put(groups::promote).delete(groups::demote),
         )
         .route("/v1/groups/{id}/messages/{seq}", get(groups::message_info))
+        .route(
+            "/v1/media/{id}",
+            get(media::get)
+                .head(media::head)
+                .put(media::put)
+                .delete(media::drop_ref),
+        )
+        .route("/v1/media/{id}/claim", post(media::claim))
+        .merge(
+            Router::new()
+                .route(
+                    "/v1/uploads",
+                    options(uploads::options).post(uploads::create),
+                )
+                .route(
+                    "/v1/uploads/{id}",
+                    head(uploads::head)
+                        .patch(uploads::patch)
+                        .delete(uploads::terminate),
+                )
+                .layer(axum::middleware::from_fn(uploads::tus_headers)),
+        )
         .route("/v1/ws", get(crate::gateway::upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The running server's state (services, store), for tests that look inside.
+    pub state: AppState,
     pub dir: tempfile::TempDir,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -48,9 +50,10 @@ impl TestServer {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(tern_server::run(listener, state, shutdown.clone()));
+        let task = tokio::spawn(tern_server::run(listener, state.clone(), shutdown.clone()));
         TestServer {
             addr,
+            state,
             dir,
             shutdown,
             task: Some(task),

@@ -1,0 +1,1 @@
+//! S3-compatible media storage through `object_store` (feature `s3`).
