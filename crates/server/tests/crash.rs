@@ -6,9 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,59 +15,6 @@ use tern_proto::frames::*;
 
 /// Per sender user: the (seq, client_msg_id) of every `Sent` it received.
 type Acked = HashMap<u64, Vec<(u64, String)>>;
-
-struct Ternd {
-    child: Child,
-    addr: SocketAddr,
-}
-
-/// Starts `ternd serve` on a free port and reads the bound address from its log.
-fn spawn_ternd(data_dir: &std::path::Path) -> Ternd {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("TERN_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ternd");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if !sent && let Some(rest) = line.split("addr=").nth(1) {
-                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                let _ = tx.send(addr);
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("ternd logs its address");
-    let addr = addr
-        .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
-        .parse()
-        .expect("address");
-    Ternd { child, addr }
-}
-
-impl Drop for Ternd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http_for(addr: SocketAddr) -> Http {
-    Http {
-        base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {

@@ -2,7 +2,9 @@
 //! HTTP and WebSocket helpers for protocol-level tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -343,5 +345,59 @@ impl Raw {
             .await
             .ok()?;
         Some(rid)
+    }
+}
+
+/// The real `ternd` binary, killed when dropped.
+pub struct Ternd {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+/// Starts `ternd serve` on a free port and reads the bound address from its log.
+pub fn spawn_ternd(data_dir: &std::path::Path) -> Ternd {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("TERN_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ternd");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent && let Some(rest) = line.split("addr=").nth(1) {
+                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("ternd logs its address");
+    let addr = addr
+        .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+        .parse()
+        .expect("address");
+    Ternd { child, addr }
+}
+
+impl Drop for Ternd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_for(addr: SocketAddr) -> Http {
+    Http {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
     }
 }
