@@ -79,7 +79,7 @@ impl AppState {
         let blobs: Arc<dyn BlobStore> = match config.media.backend {
             BlobBackend::Fs => Arc::new(FsBlobs::new(config.data_dir.join("media"))?),
             #[cfg(feature = "s3")]
-            BlobBackend::S3 => Arc::new(crate::media::s3::S3Blobs::new(&config.media.s3)?),
+            BlobBackend::S3 => Arc::new(crate::media::s3::ObjectStoreBlobs::s3(&config.media.s3)?),
             #[cfg(not(feature = "s3"))]
             BlobBackend::S3 => {
                 anyhow::bail!("media.backend = \"s3\" needs a ternd built with `--features s3`")

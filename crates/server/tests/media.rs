@@ -578,3 +578,65 @@ fn walk(dir: &std::path::Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// The whole media path on an S3-compatible server (`--features s3`, `TERN_TEST_S3_ENDPOINT`).
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_on_s3() {
+    let Some(s3) = s3_bucket("media").await else {
+        eprintln!("TERN_TEST_S3_ENDPOINT is not set: skipping media on S3");
+        return;
+    };
+    let server = TestServer::start_with(|c| {
+        c.media.backend = tern_server::config::BlobBackend::S3;
+        c.media.s3 = s3;
+    })
+    .await;
+    let alice = Api::new(&server, "alice").await;
+    // Past one multipart part, through tus in two requests.
+    let bytes = blob((9 << 20) + 5, 3);
+    let id = id_of(&bytes);
+    let path = alice.create(bytes.len(), Some(&id)).await;
+    let half = bytes.len() / 2;
+    assert_eq!(
+        alice.patch(&path, 0, bytes[..half].to_vec()).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let r = alice.patch(&path, half, bytes[half..].to_vec()).await;
+    assert_eq!(r.headers()["tern-media-id"], id.as_str());
+    assert_eq!(
+        walk(&server.dir.path().join("media")),
+        0,
+        "nothing on local disk"
+    );
+    let r = alice.get(&id, &[("Range", "bytes=100-199")]).await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes().await.expect("body").as_ref(), &bytes[100..200]);
+    let r = alice.get(&id, &[]).await;
+    assert_eq!(r.bytes().await.expect("body").as_ref(), bytes.as_slice());
+    let small = blob(10, 4);
+    assert_eq!(
+        alice.put(&id_of(&small), small.clone()).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        alice
+            .get(&id_of(&small), &[])
+            .await
+            .bytes()
+            .await
+            .expect("body")
+            .as_ref(),
+        small.as_slice()
+    );
+
+    let now = tern_server::services::Clock::now_ms(&tern_server::services::SystemClock);
+    let report = server
+        .state
+        .media
+        .collect_garbage(now + 31 * 86_400_000)
+        .await
+        .expect("gc");
+    assert_eq!(report.objects, 2);
+    assert_eq!(alice.head(&id).await, StatusCode::NOT_FOUND);
+}

@@ -401,3 +401,24 @@ pub fn http_for(addr: SocketAddr) -> Http {
         client: reqwest::Client::new(),
     }
 }
+
+#[cfg(feature = "s3")]
+/// A fresh bucket on the S3-compatible server at `TERN_TEST_S3_ENDPOINT`, or `None`.
+pub async fn s3_bucket(name: &str) -> Option<tern_server::config::S3Config> {
+    let endpoint = std::env::var("TERN_TEST_S3_ENDPOINT").ok()?;
+    let bucket = format!("{name}-{}", std::process::id());
+    let r = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("create bucket");
+    assert!(r.status().is_success(), "create bucket: {}", r.status());
+    Some(tern_server::config::S3Config {
+        bucket,
+        region: "us-east-1".into(),
+        endpoint,
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        allow_http: true,
+    })
+}
