@@ -67,6 +67,15 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         messages: u64,
     },
+    /// Upload and download one object: throughput both ways, server memory growth.
+    Media {
+        /// Object size in bytes (at most the server's media.max_object_bytes, 2 GiB).
+        #[arg(long, default_value_t = 256 << 20)]
+        size: u64,
+        /// Bytes per tus PATCH request; 0 = the whole object in one request.
+        #[arg(long, default_value_t = 0)]
+        chunk: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +107,9 @@ fn main() -> anyhow::Result<()> {
                 seconds,
             } => scenarios::fanout::run(&target, members, rate, seconds, body).await?,
             Scenario::Drain { messages } => scenarios::drain::run(&target, messages, body).await?,
+            Scenario::Media { size, chunk } => {
+                scenarios::media::run(&target, pid, size, chunk).await?
+            }
         };
         let peak = pid.and_then(target::rss).map(|(_, hwm)| hwm);
         let mut value = value;

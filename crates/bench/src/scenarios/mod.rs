@@ -6,6 +6,7 @@ pub mod connect;
 pub mod drain;
 pub mod fanout;
 pub mod latency;
+pub mod media;
 pub mod throughput;
 
 /// A short id making this run's usernames unique.
