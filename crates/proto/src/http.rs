@@ -249,3 +249,83 @@ pub struct MediaObject {
     /// When the caller's reference lapses unless renewed by another claim.
     pub expires_at_ms: u64,
 }
+
+// --- key directory (end-to-end encryption; the server stores public keys, opaquely) ---
+
+/// A device's long-term identity keys (unpadded base64, as vodozemac prints them) and the
+/// device's Ed25519 signature binding them to its user and device ids (PROTOCOL.md §9).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityKeys {
+    pub curve25519: String,
+    pub ed25519: String,
+    pub signature: String,
+}
+
+/// A one-time or fallback Curve25519 key, signed with the device's Ed25519 key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedKey {
+    pub id: String,
+    pub key: String,
+    pub signature: String,
+}
+
+/// `PUT /v1/keys`: publish the calling device's keys. Every part is optional; identity keys
+/// can be set once and never change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysUpload {
+    #[serde(default)]
+    pub identity: Option<IdentityKeys>,
+    #[serde(default)]
+    pub one_time_keys: Vec<SignedKey>,
+    #[serde(default)]
+    pub fallback_key: Option<SignedKey>,
+}
+
+/// `GET`/`PUT /v1/keys`: how many one-time keys of the calling device wait unclaimed, and
+/// whether its fallback key has been handed out since it was last replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCounts {
+    pub one_time_keys: u64,
+    pub fallback_key_used: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKeys {
+    pub device_id: u64,
+    /// `None` for a device that has not published keys yet (it cannot receive encrypted
+    /// messages until it does).
+    pub identity: Option<IdentityKeys>,
+}
+
+/// `GET /v1/users/{username}/keys`: every current device of the user with its identity keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserKeys {
+    pub user_id: u64,
+    pub username: String,
+    pub devices: Vec<DeviceKeys>,
+}
+
+/// `POST /v1/keys/claim`: one key per listed device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub devices: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedKey {
+    pub user_id: u64,
+    pub device_id: u64,
+    pub key: SignedKey,
+    /// The device had no one-time key left: this is its fallback key (not consumed).
+    pub fallback: bool,
+}
+
+/// Devices with no keys at all (or that do not exist) are left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    pub keys: Vec<ClaimedKey>,
+}

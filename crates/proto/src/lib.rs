@@ -3,11 +3,13 @@
 //! - [`frames`]: the protobuf frames exchanged on the WebSocket (`/v1/ws`), one frame per binary
 //!   WebSocket message. Hand-written `prost` structs; `PROTOCOL.md` shows the same schema as
 //!   `.proto` text for implementers in other languages.
+//! - [`content`]: message bodies between SDKs (`Content`: a text or a media reference).
 //! - [`http`]: the JSON bodies of the HTTP API under `/v1/`.
 //! - [`error`]: the one list of error codes used on the socket and over HTTP alike.
 //! - [`limits`]: protocol constants and the default limits every size is checked against.
 //! - [`validate`]: pure checks of user input (usernames, passwords, frames) shared by both ends.
 
+pub mod content;
 pub mod error;
 pub mod frames;
 pub mod http;

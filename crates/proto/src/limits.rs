@@ -49,6 +49,10 @@ pub struct Limits {
     pub login_attempts_per_minute: u32,
     /// Most members of one group.
     pub max_group_members: usize,
+    /// One-time keys a device may have published and unclaimed at once (and per upload).
+    pub max_one_time_keys: usize,
+    /// Devices whose keys one `POST /v1/keys/claim` may claim.
+    pub max_key_claims: usize,
 }
 
 impl Default for Limits {
@@ -65,6 +69,8 @@ impl Default for Limits {
             send_timeout_secs: 10,
             login_attempts_per_minute: 10,
             max_group_members: 1024,
+            max_one_time_keys: 100,
+            max_key_claims: 256,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 use prost::Message as _;
+use tern_proto::content::{Content, MediaRef};
 use tern_proto::frames::*;
 
 fn peer() -> impl Strategy<Value = Option<Peer>> {
@@ -156,9 +157,35 @@ proptest! {
     }
 
     #[test]
+    fn contents_round_trip(
+        text in ".{0,40}",
+        bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        n in any::<u64>(),
+        dims in any::<(u32, u32)>(),
+    ) {
+        let media = MediaRef {
+            id: hex_like(&bytes),
+            key: bytes.clone(),
+            plaintext_sha256: bytes.iter().rev().copied().collect(),
+            size: n,
+            encrypted_size: n / 2,
+            mime_type: text.clone(),
+            file_name: text.chars().rev().collect(),
+            thumbnail: bytes,
+            width: dims.0,
+            height: dims.1,
+            caption: text.clone(),
+        };
+        for c in [Content::text(text), Content::media(media)] {
+            prop_assert_eq!(Content::decode_body(&c.encode_body()).expect("decodes"), c);
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = ClientFrame::decode_frame(&bytes, 1024);
         let _ = ServerFrame::decode_frame(&bytes, 1024);
+        let _ = Content::decode_body(&bytes);
     }
 
     #[test]
@@ -171,6 +198,10 @@ proptest! {
             prop_assert!(refused);
         }
     }
+}
+
+fn hex_like(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

@@ -94,6 +94,14 @@ impl From<StoreError> for ApiError {
                 ErrorCode::LimitReached,
                 format!("at most {n} incomplete uploads at once"),
             ),
+            StoreError::IdentityKeysChanged => ApiError::new(
+                ErrorCode::Conflict,
+                "this device's identity keys are set and cannot change; a new identity is a new device",
+            ),
+            StoreError::KeyLimit(n) => ApiError::new(
+                ErrorCode::LimitReached,
+                format!("at most {n} unclaimed one-time keys per device"),
+            ),
             StoreError::Closed => {
                 ApiError::new(ErrorCode::Unavailable, "the server is shutting down")
             }

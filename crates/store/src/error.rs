@@ -25,6 +25,10 @@ pub enum StoreError {
     QuotaExceeded { used: u64, wanted: u64, quota: u64 },
     #[error("the limit of {0} incomplete uploads is reached")]
     UploadLimit(usize),
+    #[error("the device's identity keys are already set to different keys")]
+    IdentityKeysChanged,
+    #[error("the limit of {0} unclaimed one-time keys per device is reached")]
+    KeyLimit(usize),
     #[error("database error: {0}")]
     Database(String),
     #[error("the store is closed")]

@@ -199,6 +199,30 @@ pub trait Store: Send + Sync + 'static {
     /// caller deletes the bytes only after this said yes.
     async fn forget_media(&self, id: MediaHash, now_ms: i64) -> Result<bool, StoreError>;
 
+    // --- key directory (public keys for end-to-end encryption, stored opaquely) ---
+
+    /// Publishes a device's keys in one transaction: identity keys (once; different ones later
+    /// are [`StoreError::IdentityKeysChanged`]), one-time keys (an id already stored is kept as
+    /// it is; more than `max_one_time_keys` unclaimed is [`StoreError::KeyLimit`]), and the
+    /// fallback key (replacing the previous one). One-time and fallback keys need identity keys.
+    async fn publish_keys(
+        &self,
+        device: DeviceId,
+        keys: KeyUpload,
+        max_one_time_keys: usize,
+    ) -> Result<KeyCountRecord, StoreError>;
+
+    async fn key_counts(&self, device: DeviceId) -> Result<KeyCountRecord, StoreError>;
+
+    /// Every current device of the user, ordered by id, with its identity keys if published.
+    async fn device_keys(&self, user: UserId) -> Result<Vec<DeviceKeysRecord>, StoreError>;
+
+    /// Claims one key per device, atomically: a one-time key is handed out once and deleted;
+    /// a device with none left gives its fallback key (kept, and marked used). Devices with
+    /// no keys, or that do not exist, are left out.
+    async fn claim_keys(&self, devices: Vec<DeviceId>)
+    -> Result<Vec<ClaimedKeyRecord>, StoreError>;
+
     /// A cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;
 

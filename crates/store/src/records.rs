@@ -307,3 +307,45 @@ pub struct MediaGarbage {
     pub expired_uploads: Vec<String>,
     pub unreferenced: Vec<MediaHash>,
 }
+
+/// A device's identity keys, stored opaquely (the server never interprets keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityKeysRecord {
+    pub curve25519: String,
+    pub ed25519: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedKeyRecord {
+    pub id: String,
+    pub key: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUpload {
+    pub identity: Option<IdentityKeysRecord>,
+    pub one_time_keys: Vec<SignedKeyRecord>,
+    pub fallback_key: Option<SignedKeyRecord>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyCountRecord {
+    pub one_time_keys: u64,
+    pub fallback_key_used: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeysRecord {
+    pub device: DeviceId,
+    pub identity: Option<IdentityKeysRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKeyRecord {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub key: SignedKeyRecord,
+    pub fallback: bool,
+}

@@ -1066,6 +1066,150 @@ async fn media_garbage_is_expired_uploads_and_unreferenced_objects(f: Fixture) {
     );
 }
 
+fn key(id: &str) -> SignedKeyRecord {
+    SignedKeyRecord {
+        id: id.into(),
+        key: format!("key-{id}"),
+        signature: format!("sig-{id}"),
+    }
+}
+
+fn identity(n: u8) -> IdentityKeysRecord {
+    IdentityKeysRecord {
+        curve25519: format!("curve-{n}"),
+        ed25519: format!("ed-{n}"),
+        signature: format!("sig-{n}"),
+    }
+}
+
+async fn key_directory_publish_list_and_claim(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 2).await;
+    let bob = user(s, "bob", 1).await;
+    let (a0, a1, b0) = (alice[0].device_id, alice[1].device_id, bob[0].device_id);
+
+    // One-time keys need identity keys first; nothing is stored by a refused upload.
+    let otks = KeyUpload {
+        one_time_keys: vec![key("k1")],
+        ..KeyUpload::default()
+    };
+    assert!(matches!(
+        s.publish_keys(a0, otks.clone(), 3).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let up = KeyUpload {
+        identity: Some(identity(0)),
+        one_time_keys: vec![key("k1"), key("k2")],
+        fallback_key: Some(key("f1")),
+    };
+    let c = s.publish_keys(a0, up.clone(), 3).await.expect("publish");
+    assert_eq!((c.one_time_keys, c.fallback_key_used), (2, false));
+    // Idempotent retry: same identity, same key ids.
+    assert_eq!(
+        s.publish_keys(a0, up, 3)
+            .await
+            .expect("again")
+            .one_time_keys,
+        2
+    );
+    // Identity keys never change; the limit counts unclaimed keys; both refusals store nothing.
+    let changed = KeyUpload {
+        identity: Some(identity(9)),
+        one_time_keys: vec![key("k3")],
+        ..KeyUpload::default()
+    };
+    assert_eq!(
+        s.publish_keys(a0, changed, 3).await,
+        Err(StoreError::IdentityKeysChanged)
+    );
+    let too_many = KeyUpload {
+        one_time_keys: vec![key("k3"), key("k4")],
+        ..KeyUpload::default()
+    };
+    assert_eq!(
+        s.publish_keys(a0, too_many, 3).await,
+        Err(StoreError::KeyLimit(3))
+    );
+    assert_eq!(s.key_counts(a0).await.expect("counts").one_time_keys, 2);
+    assert_eq!(
+        s.publish_keys(999, KeyUpload::default(), 3).await,
+        Err(StoreError::NotFound("device"))
+    );
+
+    // The listing has every device, with keys where published.
+    s.publish_keys(
+        b0,
+        KeyUpload {
+            identity: Some(identity(2)),
+            ..KeyUpload::default()
+        },
+        3,
+    )
+    .await
+    .expect("bob");
+    let listed = s.device_keys(alice[0].user_id).await.expect("list");
+    assert_eq!(
+        listed,
+        vec![
+            DeviceKeysRecord {
+                device: a0,
+                identity: Some(identity(0))
+            },
+            DeviceKeysRecord {
+                device: a1,
+                identity: None
+            },
+        ]
+    );
+
+    // Claims: each one-time key once, then the fallback key (kept, marked used); devices
+    // without keys (a1: none; b0: no one-time or fallback key) and unknown ones are left out.
+    let mut handed = Vec::new();
+    for _ in 0..2 {
+        let got = s.claim_keys(vec![a0, a1, b0, 999]).await.expect("claim");
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].user, got[0].device, got[0].fallback),
+            (alice[0].user_id, a0, false)
+        );
+        handed.push(got[0].key.id.clone());
+    }
+    handed.sort();
+    assert_eq!(handed, vec!["k1", "k2"], "never the same key twice");
+    let c = s.key_counts(a0).await.expect("counts");
+    assert_eq!((c.one_time_keys, c.fallback_key_used), (0, false));
+    for _ in 0..2 {
+        let got = s.claim_keys(vec![a0]).await.expect("claim");
+        assert_eq!((got[0].key.id.as_str(), got[0].fallback), ("f1", true));
+    }
+    assert!(s.key_counts(a0).await.expect("counts").fallback_key_used);
+    // Replenishing: new keys and a new fallback key reset the flag.
+    let refill = KeyUpload {
+        one_time_keys: vec![key("k5")],
+        fallback_key: Some(key("f2")),
+        ..KeyUpload::default()
+    };
+    let c = s.publish_keys(a0, refill, 3).await.expect("refill");
+    assert_eq!((c.one_time_keys, c.fallback_key_used), (1, false));
+
+    // Concurrent claims of the last key: exactly one gets it, the others the fallback.
+    let claims = (0..8).map(|_| s.claim_keys(vec![a0]));
+    let results = futures_util::future::join_all(claims).await;
+    let otk = results
+        .iter()
+        .filter(|r| !r.as_ref().expect("claim")[0].fallback)
+        .count();
+    assert_eq!(otk, 1);
+
+    // A removed device's keys go with it.
+    s.remove_device(alice[0].user_id, a0).await.expect("remove");
+    assert!(s.claim_keys(vec![a0]).await.expect("claim").is_empty());
+    assert_eq!(
+        s.device_keys(alice[0].user_id).await.expect("list").len(),
+        1
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -1085,7 +1229,8 @@ macro_rules! conformance {
                 group_rights_and_limits,
                 group_receipts_and_message_info,
                 media_uploads_quota_and_references,
-                media_garbage_is_expired_uploads_and_unreferenced_objects);
+                media_garbage_is_expired_uploads_and_unreferenced_objects,
+                key_directory_publish_list_and_claim);
         }
     };
     (@tests $make:expr; $($name:ident),*) => {

@@ -4,6 +4,7 @@
 mod accounts;
 pub mod extract;
 mod groups;
+mod keys;
 mod media;
 mod uploads;
 mod users;
@@ -31,6 +32,9 @@ pub fn router(state: AppState) -> Router {
             "/v1/settings/privacy",
             get(users::get_privacy).put(users::put_privacy),
         )
+        .route("/v1/keys", put(keys::publish).get(keys::own_counts))
+        .route("/v1/keys/claim", post(keys::claim))
+        .route("/v1/users/{username}/keys", get(keys::user_keys))
         .route("/v1/groups", post(groups::create).get(groups::list))
         .route("/v1/groups/{id}", get(groups::get).patch(groups::update))
         .route("/v1/groups/{id}/members", post(groups::add_members))

@@ -9,7 +9,7 @@ use super::{ApiJson, Authed};
 use crate::app::AppState;
 use crate::error::ApiError;
 
-async fn user(state: &AppState, name: &str) -> Result<UserRecord, ApiError> {
+pub(crate) async fn user(state: &AppState, name: &str) -> Result<UserRecord, ApiError> {
     let name = name.trim().to_ascii_lowercase();
     if name.len() > tern_proto::limits::USERNAME_MAX {
         return Err(ApiError::new(

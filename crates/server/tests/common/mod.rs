@@ -121,6 +121,19 @@ impl Http {
         Self::answer(req.send().await.expect("request")).await
     }
 
+    pub async fn put_json(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.client.put(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await.expect("request")).await
+    }
+
     pub async fn put(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
         let mut req = self.client.put(format!("{}{path}", self.base));
         if let Some(t) = token {

@@ -13,6 +13,7 @@
 mod accounts;
 mod cache;
 mod groups;
+mod keys;
 mod media;
 mod messaging;
 mod schema;
@@ -460,6 +461,31 @@ impl Store for SqliteStore {
     async fn forget_media(&self, id: MediaHash, now_ms: i64) -> Result<bool, StoreError> {
         self.write(move |t, _| media::forget_media(t, &id, now_ms))
             .await
+    }
+
+    async fn publish_keys(
+        &self,
+        device: DeviceId,
+        keys: KeyUpload,
+        max_one_time_keys: usize,
+    ) -> Result<KeyCountRecord, StoreError> {
+        self.write(move |t, _| keys::publish_keys(t, device, &keys, max_one_time_keys))
+            .await
+    }
+
+    async fn key_counts(&self, device: DeviceId) -> Result<KeyCountRecord, StoreError> {
+        self.read(move |c| keys::key_counts(c, device)).await
+    }
+
+    async fn device_keys(&self, user: UserId) -> Result<Vec<DeviceKeysRecord>, StoreError> {
+        self.read(move |c| keys::device_keys(c, user)).await
+    }
+
+    async fn claim_keys(
+        &self,
+        devices: Vec<DeviceId>,
+    ) -> Result<Vec<ClaimedKeyRecord>, StoreError> {
+        self.write(move |t, _| keys::claim_keys(t, &devices)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -123,6 +123,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX uploads_by_user ON uploads (user_id) WHERE media_id IS NULL;
     CREATE INDEX uploads_by_expiry ON uploads (expires_at);
     "#,
+    // 3: the key directory: identity and fallback keys per device, one-time keys.
+    r#"
+    CREATE TABLE device_keys (
+        device_id           INTEGER PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        curve25519          TEXT NOT NULL,
+        ed25519             TEXT NOT NULL,
+        signature           TEXT NOT NULL,
+        fallback_id         TEXT,
+        fallback_key        TEXT,
+        fallback_signature  TEXT,
+        fallback_used       INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE one_time_keys (
+        device_id   INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        key_id      TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        signature   TEXT NOT NULL,
+        PRIMARY KEY (device_id, key_id)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Brings the database to the latest schema.
