@@ -516,14 +516,37 @@ async fn garbage_collection_removes_unreferenced_media_and_expired_uploads() {
     let media_files = || walk(&server.dir.path().join("media"));
     assert_eq!(media_files(), 2);
 
+    // A staging file that no upload names (as after a crash): swept once it is an hour old.
+    let stray = server
+        .dir
+        .path()
+        .join("uploads")
+        .join("0123456789abcdef0123456789abcdef");
+    let fresh = server
+        .dir
+        .path()
+        .join("uploads")
+        .join("fedcba9876543210fedcba9876543210");
+    for f in [&stray, &fresh] {
+        std::fs::write(f, b"leftover").expect("stray");
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(&stray)
+        .expect("open")
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .expect("mtime");
+
     let media = &server.state.media;
     let now = tern_server::services::Clock::now_ms(&tern_server::services::SystemClock);
     let report = media.collect_garbage(now).await.expect("gc");
     assert_eq!(
         (report.uploads, report.objects),
-        (0, 0),
-        "everything is referenced"
+        (1, 0),
+        "only the old stray file goes"
     );
+    assert!(!stray.exists() && fresh.exists());
+    std::fs::remove_file(&fresh).expect("rm");
 
     // Alice drops one reference: that object goes at the next collection.
     let r = alice

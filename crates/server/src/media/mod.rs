@@ -603,9 +603,35 @@ impl Media {
                 break;
             }
         }
+        report.uploads += self.sweep_staging().await?;
         metrics::counter!("tern_media_gc_uploads_total").increment(report.uploads as u64);
         metrics::counter!("tern_media_gc_objects_total").increment(report.objects as u64);
         Ok(report)
+    }
+}
+
+impl Media {
+    /// Deletes staging files that no upload record names (a crash between creating the file
+    /// and recording the upload, or a failed delete), once they are older than an hour.
+    async fn sweep_staging(&self) -> Result<usize, ApiError> {
+        let mut dir = tokio::fs::read_dir(&self.staging).await.map_err(io_error)?;
+        let mut swept = 0;
+        while let Some(entry) = dir.next_entry().await.map_err(io_error)? {
+            let name = entry.file_name();
+            let Some(id) = name.to_str() else { continue };
+            let old = entry
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 3600);
+            if old && !self.is_busy(id) && self.store.upload(id).await?.is_none() {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+                swept += 1;
+            }
+        }
+        Ok(swept)
     }
 }
 
