@@ -6,10 +6,12 @@
 //! - [`content`]: message bodies between SDKs (`Content`: a text or a media reference).
 //! - [`http`]: the JSON bodies of the HTTP API under `/v1/`.
 //! - [`error`]: the one list of error codes used on the socket and over HTTP alike.
+//! - [`content`], [`e2ee`]: what message bodies carry between clients (the server never parses them).
 //! - [`limits`]: protocol constants and the default limits every size is checked against.
 //! - [`validate`]: pure checks of user input (usernames, passwords, frames) shared by both ends.
 
 pub mod content;
+pub mod e2ee;
 pub mod error;
 pub mod frames;
 pub mod http;
