@@ -4,9 +4,9 @@
 //!   WebSocket message. Hand-written `prost` structs; `PROTOCOL.md` shows the same schema as
 //!   `.proto` text for implementers in other languages.
 //! - [`content`]: message bodies between SDKs (`Content`: a text or a media reference).
+//! - [`e2ee`]: the end-to-end encryption envelopes those bodies travel in, and their payloads.
 //! - [`http`]: the JSON bodies of the HTTP API under `/v1/`.
 //! - [`error`]: the one list of error codes used on the socket and over HTTP alike.
-//! - [`content`], [`e2ee`]: what message bodies carry between clients (the server never parses them).
 //! - [`limits`]: protocol constants and the default limits every size is checked against.
 //! - [`validate`]: pure checks of user input (usernames, passwords, frames) shared by both ends.
 
