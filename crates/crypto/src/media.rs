@@ -141,7 +141,7 @@ fn header(nonce_prefix: &[u8; NONCE_PREFIX_LEN]) -> [u8; HEADER_LEN] {
 }
 
 /// Reads until `buf` holds `want` bytes or the input ends; returns how many it holds.
-fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
+fn fill(reader: &mut dyn Read, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
     buf.clear();
     // `read_to_end` retries on `Interrupted`; `take` bounds it to one chunk.
     reader.take(want as u64).read_to_end(buf)
@@ -165,7 +165,19 @@ impl<W: Write> HashingWriter<W> {
 
 /// Encrypts everything `reader` yields into `writer` under a fresh random key and nonce
 /// prefix, in [`CHUNK_SIZE`] chunks. `writer` is flushed at the end.
-pub fn encrypt<R: Read, W: Write>(mut reader: R, writer: W) -> Result<EncryptedMedia, MediaError> {
+pub fn encrypt<R: Read, W: Write>(
+    mut reader: R,
+    mut writer: W,
+) -> Result<EncryptedMedia, MediaError> {
+    encrypt_dyn(&mut reader, &mut writer)
+}
+
+/// The work of [`encrypt`], not generic: compiled (and optimised) once, here, rather than in
+/// every caller.
+fn encrypt_dyn(
+    reader: &mut dyn Read,
+    writer: &mut dyn Write,
+) -> Result<EncryptedMedia, MediaError> {
     let key =
         Key::<XChaCha20Poly1305>::try_generate().map_err(|e| MediaError::Random(e.to_string()))?;
     let prefix =
@@ -184,11 +196,11 @@ pub fn encrypt<R: Read, W: Write>(mut reader: R, writer: W) -> Result<EncryptedM
     // One chunk of lookahead: a chunk is the last when nothing follows it.
     let mut current = Vec::with_capacity(SEALED_CHUNK);
     let mut next = Vec::with_capacity(SEALED_CHUNK);
-    fill(&mut reader, &mut current, CHUNK_SIZE)?;
+    fill(reader, &mut current, CHUNK_SIZE)?;
     loop {
         plain_hash.update(&current);
         size += current.len() as u64;
-        let last = current.len() < CHUNK_SIZE || fill(&mut reader, &mut next, CHUNK_SIZE)? == 0;
+        let last = current.len() < CHUNK_SIZE || fill(reader, &mut next, CHUNK_SIZE)? == 0;
         if last {
             encryptor
                 .encrypt_last_in_place(&header, &mut current)
@@ -223,9 +235,19 @@ pub fn decrypt<R: Read, W: Write>(
     key: &MediaKey,
     expected_id_hex: Option<&str>,
 ) -> Result<DecryptedMedia, MediaError> {
+    decrypt_dyn(&mut reader, &mut writer, key, expected_id_hex)
+}
+
+/// The work of [`decrypt`], not generic (see [`encrypt_dyn`]).
+fn decrypt_dyn(
+    reader: &mut dyn Read,
+    writer: &mut dyn Write,
+    key: &MediaKey,
+    expected_id_hex: Option<&str>,
+) -> Result<DecryptedMedia, MediaError> {
     let mut cipher_hash = Sha256::new();
     let mut header = Vec::with_capacity(HEADER_LEN);
-    if fill(&mut reader, &mut header, HEADER_LEN)? < HEADER_LEN {
+    if fill(reader, &mut header, HEADER_LEN)? < HEADER_LEN {
         return Err(if header.len() >= 4 && header[..4] != MAGIC {
             MediaError::BadMagic
         } else {
@@ -251,7 +273,7 @@ pub fn decrypt<R: Read, W: Write>(
     let mut size = 0u64;
     let mut current = Vec::with_capacity(SEALED_CHUNK);
     let mut next = Vec::with_capacity(SEALED_CHUNK);
-    fill(&mut reader, &mut current, SEALED_CHUNK)?;
+    fill(reader, &mut current, SEALED_CHUNK)?;
     let mut position: u32 = 0;
     loop {
         let chunk = u64::from(position);
@@ -261,7 +283,7 @@ pub fn decrypt<R: Read, W: Write>(
         cipher_hash.update(&current);
         // A full chunk followed by more data is not the last; anything else must be.
         let followed =
-            current.len() == SEALED_CHUNK && fill(&mut reader, &mut next, SEALED_CHUNK)? > 0;
+            current.len() == SEALED_CHUNK && fill(reader, &mut next, SEALED_CHUNK)? > 0;
         if followed {
             if stream
                 .decrypt_in_place(position, false, &header, &mut current)
