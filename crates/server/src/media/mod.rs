@@ -403,6 +403,8 @@ impl Media {
                 }
             };
             if written + chunk.len() as u64 > room {
+                // Let every write land before the rollback truncates behind it.
+                let _ = out.flush().await;
                 rollback.armed = true;
                 return Err(ApiError::new(
                     ErrorCode::TooLarge,
