@@ -15,6 +15,26 @@ use crate::http::Authed;
 use crate::media::parse_id;
 use crate::media::range::{self, RangeOutcome};
 
+/// Upload answers given without reading the whole body (a refusal, or a `PUT` of an object that
+/// exists) close the connection: the unread rest of the body must not be taken for the next
+/// request, and saying so keeps clients from reusing a connection the server is closing.
+pub async fn close_if_body_unread(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uploads = matches!(
+        *req.method(),
+        axum::http::Method::PUT | axum::http::Method::PATCH
+    );
+    let mut resp = next.run(req).await;
+    let s = resp.status();
+    if uploads && (s == StatusCode::OK || s.is_client_error() || s.is_server_error()) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
 fn etag(id: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{id}\"")).unwrap_or(HeaderValue::from_static("\"\""))
 }

@@ -48,27 +48,31 @@ pub fn router(state: AppState) -> Router {
             put(groups::promote).delete(groups::demote),
         )
         .route("/v1/groups/{id}/messages/{seq}", get(groups::message_info))
-        .route(
-            "/v1/media/{id}",
-            get(media::get)
-                .head(media::head)
-                .put(media::put)
-                .delete(media::drop_ref),
-        )
-        .route("/v1/media/{id}/claim", post(media::claim))
         .merge(
             Router::new()
                 .route(
-                    "/v1/uploads",
-                    options(uploads::options).post(uploads::create),
+                    "/v1/media/{id}",
+                    get(media::get)
+                        .head(media::head)
+                        .put(media::put)
+                        .delete(media::drop_ref),
                 )
-                .route(
-                    "/v1/uploads/{id}",
-                    head(uploads::head)
-                        .patch(uploads::patch)
-                        .delete(uploads::terminate),
+                .route("/v1/media/{id}/claim", post(media::claim))
+                .merge(
+                    Router::new()
+                        .route(
+                            "/v1/uploads",
+                            options(uploads::options).post(uploads::create),
+                        )
+                        .route(
+                            "/v1/uploads/{id}",
+                            head(uploads::head)
+                                .patch(uploads::patch)
+                                .delete(uploads::terminate),
+                        )
+                        .layer(axum::middleware::from_fn(uploads::tus_headers)),
                 )
-                .layer(axum::middleware::from_fn(uploads::tus_headers)),
+                .layer(axum::middleware::from_fn(media::close_if_body_unread)),
         )
         .route("/v1/ws", get(crate::gateway::upgrade))
         .route("/healthz", get(|| async { "ok" }))
