@@ -65,6 +65,45 @@ pub enum Command {
         #[arg(long, value_name = "GROUP")]
         group: Option<String>,
     },
+    /// Send a file (encrypted end to end; resumes an interrupted upload of the same file).
+    #[command(
+        name = "send-file",
+        override_usage = "tern send-file USER PATH [--caption TEXT]\n       tern send-file --group GROUP PATH [--caption TEXT]"
+    )]
+    SendFile {
+        /// Recipient username; with --group, the file.
+        #[arg(value_name = "USER")]
+        first: String,
+        /// The file to send.
+        #[arg(value_name = "PATH")]
+        path: Option<PathBuf>,
+        /// Send to this group (id, or its exact name) instead of a user.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// A text shown with the file.
+        #[arg(long, value_name = "TEXT")]
+        caption: Option<String>,
+    },
+    /// Download, verify and decrypt the file of a message.
+    #[command(
+        after_help = "MESSAGE names a message as `tern history` shows it: CONVERSATION/SEQ, where \
+CONVERSATION is the peer's username or the group id (alice/12, 5/3), or the client_msg_id of a \
+message I sent.\nThe file is written to --out, or else to the sender's file name (directories \
+stripped) in the current directory. An interrupted download resumes when run again."
+    )]
+    Download {
+        /// CONVERSATION/SEQ (e.g. alice/12, or 5/3 for group 5), or a client_msg_id of mine.
+        message: String,
+        /// Where to write the file (default: the sender's file name, here).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Do not sync with the server first (the message must be stored here already).
+        #[arg(long)]
+        local: bool,
+    },
     /// Connect, fetch and store everything waiting, print it, acknowledge it, exit.
     Sync,
     /// Print events as they arrive, until Ctrl-C (or `--count`).
@@ -284,6 +323,41 @@ mod tests {
         ));
         assert!(Cli::try_parse_from(["tern", "group", "settings", "12"]).is_err());
         assert!(Cli::try_parse_from(["tern", "read"]).is_err());
+        let cli = Cli::try_parse_from(["tern", "send-file", "bob", "a.jpg", "--caption", "hi"])
+            .expect("parse");
+        match cli.command {
+            Command::SendFile {
+                first,
+                path,
+                group,
+                caption,
+            } => {
+                assert_eq!(first, "bob");
+                assert_eq!(path, Some(PathBuf::from("a.jpg")));
+                assert_eq!((group, caption.as_deref()), (None, Some("hi")));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli =
+            Cli::try_parse_from(["tern", "send-file", "--group", "7", "a.jpg"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::SendFile {
+                path: None,
+                group: Some(_),
+                ..
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["tern", "download", "alice/12", "--out", "x.jpg"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Download {
+                out: Some(_),
+                force: false,
+                ..
+            }
+        ));
         assert!(Cli::try_parse_from(["tern", "read", "bob", "--group", "1"]).is_err());
         let cli = Cli::try_parse_from(["tern", "history", "--group", "1"]).expect("parse");
         assert!(matches!(

@@ -8,6 +8,7 @@
 //! always `from`. Group-only output (group info, lists, message info) is in `output/groups.rs`.
 
 mod groups;
+mod media;
 
 use std::io::Write;
 
@@ -113,6 +114,9 @@ impl Printer {
             if let Some(change) = &m.system {
                 v["event"] = serde_json::to_value(change).unwrap_or_else(|_| json!({}));
             }
+            if let Some(media) = m.media() {
+                v["media"] = media::media_json(&media);
+            }
             self.line(&v);
         } else if m.is_system() {
             let seq = m.seq.map_or_else(|| "-".to_owned(), |s| format!("#{s}"));
@@ -127,8 +131,13 @@ impl Printer {
                 .status
                 .map(|t| format!("  {}", tick_label(t)))
                 .unwrap_or_default();
+            // How to fetch a file: `tern download CONVERSATION/SEQ`.
+            let fetch = match (m.media(), m.seq) {
+                (Some(_), Some(s)) => format!("  (tern download {}/{s})", m.conversation),
+                _ => String::new(),
+            };
             self.text(&format!(
-                "[{} {seq} {when}] {}: {}{tick}",
+                "[{} {seq} {when}] {}: {}{tick}{fetch}",
                 conv_label(m),
                 m.from,
                 m.text

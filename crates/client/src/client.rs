@@ -19,6 +19,7 @@ use crate::directory::Directory;
 use crate::error::Error;
 use crate::events::{EVENT_CAPACITY, EventStream};
 use crate::http::Http;
+use crate::media::{Busy, MediaHttp};
 use crate::store::{LocalStore, SavedSession};
 use crate::types::{CloseReason, ConnectionState, Event, Session, StoredMessage};
 
@@ -51,6 +52,9 @@ pub(crate) struct Inner {
     pub directory: Mutex<Directory>,
     /// client_msg_ids being delivered right now, so the outbox flush skips them.
     pub in_flight: Mutex<HashSet<String>>,
+    /// Media uploads and downloads: their HTTP client, and the files in transfer.
+    pub media_http: MediaHttp,
+    pub media_busy: Busy,
 }
 
 pub(crate) struct ConnHandle {
@@ -76,6 +80,7 @@ impl Client {
             tracing::warn!(saved = %s.server, configured = %config.server, "profile was logged in on another server");
         }
         let http = Http::new(config.base_url(), config.request_timeout)?;
+        let media_http = MediaHttp::new(config.base_url(), config.request_timeout)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (status, _) = watch::channel(Status::initial());
         Ok(Client {
@@ -89,6 +94,8 @@ impl Client {
                 conn: tokio::sync::Mutex::new(None),
                 directory: Mutex::new(Directory::default()),
                 in_flight: Mutex::new(HashSet::new()),
+                media_http,
+                media_busy: Busy::default(),
             }),
         })
     }

@@ -3,6 +3,7 @@
 
 use tern_proto::ErrorCode;
 
+use crate::media::MediaError;
 use crate::types::CloseReason;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,10 @@ pub enum Error {
     /// The local state (SQLite or the profile directory) failed.
     #[error("local store error: {0}")]
     Store(String),
+    /// A file could not be sent or downloaded: unreadable, changed, or (downloading) not what
+    /// the message names — see [`MediaError`].
+    #[error(transparent)]
+    Media(#[from] MediaError),
 }
 
 impl Error {
@@ -64,6 +69,7 @@ impl Error {
             Error::Network(_) => "network",
             Error::Protocol(_) => "protocol",
             Error::Store(_) => "store",
+            Error::Media(m) => m.code_str(),
             Error::Server { code, .. } => code.as_str(),
         }
     }

@@ -1,6 +1,7 @@
-//! The HTTP half of the protocol (accounts, sessions, devices, users, settings, groups): thin typed
-//! calls over `reqwest`, with the server's `{"error": {...}}` bodies mapped to
-//! [`Error::Server`] so callers see the protocol's [`ErrorCode`].
+//! The HTTP half of the protocol (accounts, sessions, devices, users, settings, groups; media
+//! is in `media/tus.rs`): thin typed calls over `reqwest`, with the server's
+//! `{"error": {...}}` bodies mapped to [`Error::Server`] so callers see the protocol's
+//! [`ErrorCode`].
 
 use std::time::Duration;
 
@@ -222,7 +223,7 @@ async fn empty(rb: RequestBuilder) -> Result<(), Error> {
 }
 
 /// Passes a success through; turns an error status into [`Error::Server`].
-async fn checked(resp: Response) -> Result<Response, Error> {
+pub(crate) async fn checked(resp: Response) -> Result<Response, Error> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -247,8 +248,11 @@ fn error_from(status: StatusCode, body: &[u8]) -> Error {
         403 => ErrorCode::Forbidden,
         404 => ErrorCode::NotFound,
         409 => ErrorCode::Conflict,
+        411 => ErrorCode::LengthRequired,
+        412 => ErrorCode::PreconditionFailed,
         413 => ErrorCode::TooLarge,
         429 => ErrorCode::RateLimited,
+        460 => ErrorCode::ChecksumMismatch,
         502..=504 => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     };
@@ -279,5 +283,14 @@ mod tests {
         assert_eq!(e.code(), Some(ErrorCode::NotFound));
         let e = error_from(StatusCode::BAD_GATEWAY, b"");
         assert_eq!(e.code(), Some(ErrorCode::Unavailable));
+        // Media: the server's body names the code; without one, the status still does.
+        let body = br#"{"error":{"code":"quota_exceeded","message":"10 GiB used"}}"#;
+        let e = error_from(StatusCode::PAYLOAD_TOO_LARGE, body);
+        assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded));
+        let status = StatusCode::from_u16(460).expect("status");
+        let e = error_from(status, b"");
+        assert_eq!(e.code(), Some(ErrorCode::ChecksumMismatch));
+        let e = error_from(StatusCode::PRECONDITION_FAILED, b"");
+        assert_eq!(e.code(), Some(ErrorCode::PreconditionFailed));
     }
 }

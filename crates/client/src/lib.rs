@@ -49,6 +49,15 @@
 //!   without device addressing (the server fans group messages out). After every `Welcome`,
 //!   a watcher re-sends whatever is left in the outbox, so a restarted client finishes what it
 //!   started.
+//! - **Bodies** (`content` module). Every message body is a `Content` (PROTOCOL.md §8.5): a
+//!   text or a [`MediaRef`]. [`StoredMessage::text`] is always something to show (`[photo.jpg,
+//!   1.2 MB image/jpeg] caption` for a file, [`UNSUPPORTED`] for a body this SDK cannot read);
+//!   [`StoredMessage::media`] gives the reference itself.
+//! - **Media** (`media` module): [`Client::send_file`] encrypts a file (`tern-crypto`), uploads
+//!   it with tus (resumable: the encrypted copy, its key and the upload URL are kept in the
+//!   local store, so an interrupted send resumes where the server has it) and sends the
+//!   message through the outbox; [`Client::download`] fetches (resuming with `Range`),
+//!   verifies and decrypts, and writes the output only once everything checked out.
 //! - **Groups** (`groups` module): create, list, rename, members, admins, leave, message info
 //!   — plain HTTP calls. Membership changes arrive as system messages ([`GroupChange`]) in the
 //!   group's history, with a human `text` ("alice added bob").
@@ -56,28 +65,62 @@
 //!   [`EventStream`]s. A subscriber that lags gets [`Event::Lagged`] and can re-read the store.
 //!
 //! Bounded everywhere: the command queue (64), requests in flight per connection (256), the
-//! event channel (1024 per subscriber), event batches (512), frames read (1 MiB).
+//! event channel (1024 per subscriber), event batches (512), frames read (1 MiB); media moves
+//! through 64 KiB buffers, never a whole file in memory.
+//!
+//! # Media
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use tern_client::{Client, Progress, Recipient};
+//!
+//! # async fn demo(alice: Client, bob: Client) -> Result<(), tern_client::Error> {
+//! // Alice (connected) sends a photo; `progress` hears encrypting, uploading, sending.
+//! let sent = alice
+//!     .send_file(&Recipient::user("bob"), Path::new("beach.jpg"), Some("the beach"),
+//!         |p: Progress| println!("{} {}/{}", p.phase.as_str(), p.done, p.total))
+//!     .await?;
+//! // Bob finds the message (from an `Event::Message`, history, or by conversation and seq) ...
+//! let msg = bob.find_message("alice", sent.seq)?.expect("synced");
+//! let photo = msg.media().expect("a file");
+//! println!("{} ({} bytes, {}x{})", photo.file_name, photo.size, photo.width, photo.height);
+//! // ... and downloads it; a tampered object is `Error::Media(MediaError::Tampered(_))`.
+//! let file = bob.download(&msg, Path::new("beach.jpg"), |_| {}).await?;
+//! # let _ = file;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The signatures: `send_file(&Recipient, &Path, Option<&str>, impl Fn(Progress) + Send +
+//! Sync) -> Result<SentMessage, Error>`, `download(&StoredMessage, &Path, impl Fn(Progress) +
+//! Send + Sync) -> Result<DownloadedFile, Error>` (and `download_media(&MediaRef, ...)`),
+//! `find_message(conversation: &str, seq: u64) -> Result<Option<StoredMessage>, Error>`.
 
 mod backoff;
 mod client;
 mod config;
 mod connection;
+mod content;
 mod directory;
 mod error;
 mod events;
 mod group_event;
 mod groups;
 mod http;
+mod media;
 mod outbox;
 mod store;
 mod types;
 
 pub use client::Client;
 pub use config::ClientConfig;
+pub use content::{UNSUPPORTED, describe as describe_media, human_size, sanitize_file_name};
 pub use error::Error;
 pub use events::{EVENT_CAPACITY, EventStream};
 pub use group_event::{GroupAction, GroupChange, GroupUser};
+pub use media::{DownloadedFile, MediaError, Phase, Progress, Recipient, THUMBNAIL_SIDE};
 pub use tern_proto::ErrorCode;
+pub use tern_proto::content::MediaRef;
 pub use tern_proto::http::{
     DeviceInfo, GroupInfo, GroupMember, GroupSummary, LastSeenResponse, MemberReceipt, MessageInfo,
     PrivacySettings, Role, Visibility,

@@ -1,5 +1,8 @@
 //! Sending with retry, and read markers.
 //!
+//! Every body is a `Content` (PROTOCOL.md §8.5); `send_text` sends `Content::text`, and
+//! `send_file` (in `media/`) a `Content::media` through the same outbox.
+//!
 //! `send_text` first writes the message to the local outbox (it is in the history as
 //! `pending` from then on), then delivers it: address the right devices, send, and retry with
 //! the *same* `client_msg_id` until the server answers `Sent` — across lost connections,
@@ -14,6 +17,7 @@
 //! `device_mismatch` cannot legitimately happen (it is treated as a refusal).
 
 use tern_proto::ErrorCode;
+use tern_proto::content::Content;
 use tern_proto::frames::{self, client_frame};
 use tokio::sync::oneshot;
 
@@ -22,6 +26,7 @@ use crate::client::{Client, lock, normalize_username};
 use crate::connection::{Answer, Command};
 use crate::directory::{self, addressed};
 use crate::error::Error;
+use crate::media::Recipient;
 use crate::store::{Conv, OutboxItem, SavedSession};
 use crate::types::{CloseReason, ConnectionState, Event, SentMessage};
 
@@ -57,54 +62,75 @@ impl Client {
     /// `Sent` (one tick). Needs a running connection task (`connect`); if the task stops before
     /// the message is sent, it stays in the outbox and goes out on the next `connect`.
     pub async fn send_text(&self, to_username: &str, text: &str) -> Result<SentMessage, Error> {
-        let session = self.saved_session()?;
-        let to = normalize_username(to_username)?;
-        self.check_sendable(text)?;
-        let peer_user = self.resolve_peer(&session, &to).await?;
-        let item = OutboxItem {
-            conv: Conv::Direct(peer_user),
-            conv_name: to,
-            client_msg_id: new_client_msg_id(),
-            body: text.as_bytes().to_vec(),
-        };
-        self.enqueue_and_deliver(session, item).await
+        self.send_text_to(&Recipient::User(to_username.to_owned()), text)
+            .await
     }
 
     /// Sends a text message to a group, like [`send_text`](Client::send_text): outbox first,
     /// then retried until `Sent`. The server refuses it (`forbidden`, and the message is
     /// marked failed) if I am not a member.
     pub async fn send_group_text(&self, group_id: u64, text: &str) -> Result<SentMessage, Error> {
+        self.send_text_to(&Recipient::Group(group_id), text).await
+    }
+
+    async fn send_text_to(&self, to: &Recipient, text: &str) -> Result<SentMessage, Error> {
         let session = self.saved_session()?;
-        self.check_sendable(text)?;
-        let name = self
-            .inner
-            .store
-            .run(move |s| s.group_name(group_id))
-            .await?
-            .unwrap_or_default();
+        if text.is_empty() {
+            return Err(Error::Invalid("empty message".into()));
+        }
+        let body = Content::text(text).encode_body();
+        self.check_body_len(body.len())?;
+        self.check_running()?;
+        let (conv, conv_name) = self.conversation(&session, to).await?;
         let item = OutboxItem {
-            conv: Conv::Group(group_id),
-            conv_name: name,
+            conv,
+            conv_name,
             client_msg_id: new_client_msg_id(),
-            body: text.as_bytes().to_vec(),
+            body,
         };
         self.enqueue_and_deliver(session, item).await
     }
 
-    /// Checks a text before it is stored: not empty, within the server's body limit, and a
-    /// connection task running to deliver it.
-    fn check_sendable(&self, text: &str) -> Result<(), Error> {
-        if text.is_empty() {
-            return Err(Error::Invalid("empty message".into()));
+    /// The conversation to write to, and its name as the outbox keeps it (the peer's
+    /// username, or the group's name as last seen).
+    pub(crate) async fn conversation(
+        &self,
+        session: &SavedSession,
+        to: &Recipient,
+    ) -> Result<(Conv, String), Error> {
+        match to {
+            Recipient::User(name) => {
+                let name = normalize_username(name)?;
+                let peer_user = self.resolve_peer(session, &name).await?;
+                Ok((Conv::Direct(peer_user), name))
+            }
+            Recipient::Group(id) => {
+                let id = *id;
+                let name = self
+                    .inner
+                    .store
+                    .run(move |s| s.group_name(id))
+                    .await?
+                    .unwrap_or_default();
+                Ok((Conv::Group(id), name))
+            }
         }
+    }
+
+    /// Refuses a body over the server's limit, before anything is stored.
+    pub(crate) fn check_body_len(&self, len: usize) -> Result<(), Error> {
         let max = self.inner.status.borrow().max_body_bytes;
-        if text.len() > max {
+        if len > max {
             return Err(Error::Invalid(format!(
-                "message is {} bytes; the limit is {max}",
-                text.len()
+                "message is {len} bytes; the limit is {max}"
             )));
         }
-        // Without a running connection task nothing would deliver it: refuse before storing.
+        Ok(())
+    }
+
+    /// Without a running connection task nothing would deliver a message: refuse before
+    /// storing it.
+    pub(crate) fn check_running(&self) -> Result<(), Error> {
         if let ConnectionState::Closed { reason } = self.connection_state() {
             return Err(match reason {
                 CloseReason::NotStarted => Error::NotConnected,
@@ -124,8 +150,17 @@ impl Client {
             .store
             .run(move |s| s.enqueue(&me, &it, crate::connection::now_ms()))
             .await?;
+        self.deliver_enqueued(&session, &item).await
+    }
+
+    /// Delivers a message just put into the outbox.
+    pub(crate) async fn deliver_enqueued(
+        &self,
+        session: &SavedSession,
+        item: &OutboxItem,
+    ) -> Result<SentMessage, Error> {
         let _guard = InFlight::claim(self, &item.client_msg_id);
-        self.deliver(&session, &item).await
+        self.deliver(session, item).await
     }
 
     /// Delivers every message left in this device's outbox, oldest first.
@@ -379,6 +414,6 @@ impl Client {
 }
 
 /// 16 random bytes, hex: unique per device without coordination.
-fn new_client_msg_id() -> String {
+pub(crate) fn new_client_msg_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
 }

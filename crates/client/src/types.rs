@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::Serialize;
+use tern_proto::content::MediaRef;
 
 use crate::group_event::GroupChange;
 
@@ -91,12 +92,16 @@ pub struct StoredMessage {
     /// Sent by me (from this device or, as a sync copy, from another of my devices).
     pub outgoing: bool,
     pub client_msg_id: String,
-    /// The body as text (lossy UTF-8); for a system message, the change as a sentence.
+    /// The message as text: a text message's text; for a file, `[photo.jpg, 1.2 MB
+    /// image/jpeg]` and its caption (see [`media`](StoredMessage::media)); for a system
+    /// message, the change as a sentence; for a body this SDK cannot read,
+    /// `[unsupported message]`.
     pub text: String,
     /// For a system message (a group membership or settings change), the decoded change
     /// (`GroupAction::Unknown` if this SDK cannot read it).
     /// System messages are never `outgoing` and have no ticks.
     pub system: Option<GroupChange>,
+    /// The raw body: an encoded `Content` (or, for a system message, a `GroupEvent`).
     #[serde(skip)]
     pub body: Vec<u8>,
     /// Server timestamp (ms); `None` while pending.
@@ -108,6 +113,16 @@ pub struct StoredMessage {
 impl StoredMessage {
     pub fn is_system(&self) -> bool {
         self.system.is_some()
+    }
+
+    /// The file this message carries, if it is a media message: what
+    /// [`Client::download`](crate::Client::download) fetches. Its `key` decrypts the file;
+    /// do not log it.
+    pub fn media(&self) -> Option<MediaRef> {
+        if self.is_system() {
+            return None;
+        }
+        crate::content::media(&self.body)
     }
 }
 

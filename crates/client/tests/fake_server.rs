@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tern_client::{Client, ClientConfig, CloseReason, ConnectionState, ErrorCode, Event, Tick};
+use tern_proto::content::Content;
 use tern_proto::frames::{self, ClientFrame, ServerFrame, client_frame, event, server_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -200,7 +201,7 @@ fn message(mailbox_seq: u64, seq: u64) -> server_frame::Kind {
             sender_device: 20,
             client_msg_id: format!("b{seq}"),
             server_ts_ms: 100 + seq as i64,
-            body: format!("hello {seq}").into_bytes(),
+            body: Content::text(format!("hello {seq}")).encode_body(),
             ..Default::default()
         })),
     })
@@ -248,7 +249,7 @@ async fn messaging(mut ws: Ws, connection: usize) {
             [11, 20],
             "recipient's devices plus my other device"
         );
-        assert_eq!(s.body, b"hi bob");
+        assert_eq!(s.body, Content::text("hi bob").encode_body());
         let mismatch = frames::Error {
             code: ErrorCode::DeviceMismatch as i32,
             message: "mismatch".into(),
@@ -353,7 +354,7 @@ async fn groups(mut ws: Ws) {
     let s = expect_send(&f);
     assert_eq!(s.to, Some(frames::Peer::group(GROUP)));
     assert!(s.devices.is_empty(), "groups are never device-addressed");
-    assert_eq!(s.body, b"hi group");
+    assert_eq!(s.body, Content::text("hi group").encode_body());
     let sent = frames::Sent {
         client_msg_id: s.client_msg_id,
         seq: 2,
@@ -477,6 +478,8 @@ async fn drains_dedups_reconnects_and_retries_a_send_until_sent() {
             (Some(4), true)
         ]
     );
+    let texts: Vec<_> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["hello 1", "hello 2", "hello 3", "hi bob"]);
     assert_eq!(history[3].status, Some(Tick::Read));
     assert_eq!(
         client.sent_status(10).expect("status")[0].status,

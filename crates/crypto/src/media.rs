@@ -282,8 +282,7 @@ fn decrypt_dyn(
         }
         cipher_hash.update(&current);
         // A full chunk followed by more data is not the last; anything else must be.
-        let followed =
-            current.len() == SEALED_CHUNK && fill(reader, &mut next, SEALED_CHUNK)? > 0;
+        let followed = current.len() == SEALED_CHUNK && fill(reader, &mut next, SEALED_CHUNK)? > 0;
         if followed {
             if stream
                 .decrypt_in_place(position, false, &header, &mut current)

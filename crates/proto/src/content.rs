@@ -11,11 +11,12 @@ pub const CURRENT_CONTENT_VERSION: u32 = 1;
 pub struct Content {
     #[prost(uint32, tag = "1")]
     pub version: u32,
-    #[prost(oneof = "content::Body", tags = "2, 3")]
-    pub body: Option<content::Body>,
+    #[prost(oneof = "body::Body", tags = "2, 3")]
+    pub body: Option<body::Body>,
 }
 
-pub mod content {
+/// The oneof of [`Content`].
+pub mod body {
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Body {
         #[prost(string, tag = "2")]
@@ -26,8 +27,9 @@ pub mod content {
 }
 
 /// An encrypted media object (PROTOCOL.md §8.4) and everything needed to fetch, decrypt,
-/// verify and show it.
+/// verify and show it. `Debug` leaves the key out.
 #[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
 pub struct MediaRef {
     /// Lowercase hex SHA-256 of the ciphertext: the object to download.
     #[prost(string, tag = "1")]
@@ -60,6 +62,23 @@ pub struct MediaRef {
     pub caption: String,
 }
 
+impl std::fmt::Debug for MediaRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaRef")
+            .field("id", &self.id)
+            .field("key", &"<redacted>")
+            .field("size", &self.size)
+            .field("encrypted_size", &self.encrypted_size)
+            .field("mime_type", &self.mime_type)
+            .field("file_name", &self.file_name)
+            .field("thumbnail_bytes", &self.thumbnail.len())
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("caption", &self.caption)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a body is not readable [`Content`].
 #[derive(Debug, thiserror::Error)]
 pub enum ContentError {
@@ -75,14 +94,14 @@ impl Content {
     pub fn text(text: impl Into<String>) -> Content {
         Content {
             version: CURRENT_CONTENT_VERSION,
-            body: Some(content::Body::Text(text.into())),
+            body: Some(body::Body::Text(text.into())),
         }
     }
 
     pub fn media(media: MediaRef) -> Content {
         Content {
             version: CURRENT_CONTENT_VERSION,
-            body: Some(content::Body::Media(media)),
+            body: Some(body::Body::Media(media)),
         }
     }
 
@@ -106,7 +125,7 @@ impl Content {
     /// The text, for a text body.
     pub fn as_text(&self) -> Option<&str> {
         match &self.body {
-            Some(content::Body::Text(t)) => Some(t),
+            Some(body::Body::Text(t)) => Some(t),
             _ => None,
         }
     }
@@ -114,7 +133,7 @@ impl Content {
     /// The media reference, for a media body.
     pub fn as_media(&self) -> Option<&MediaRef> {
         match &self.body {
-            Some(content::Body::Media(m)) => Some(m),
+            Some(body::Body::Media(m)) => Some(m),
             _ => None,
         }
     }
@@ -160,7 +179,10 @@ mod tests {
     #[test]
     fn wire_tags_match_the_protocol() {
         // version = 1 (field 1, varint), text = "a" (field 2, length-delimited).
-        assert_eq!(Content::text("a").encode_body(), [0x08, 0x01, 0x12, 0x01, b'a']);
+        assert_eq!(
+            Content::text("a").encode_body(),
+            [0x08, 0x01, 0x12, 0x01, b'a']
+        );
         let media = Content::media(MediaRef {
             caption: "c".into(),
             ..Default::default()
@@ -168,6 +190,17 @@ mod tests {
         .encode_body();
         // media (field 3) holding caption (field 11: tag 0x5a).
         assert_eq!(media, [0x08, 0x01, 0x1a, 0x03, 0x5a, 0x01, b'c']);
+    }
+
+    #[test]
+    fn debug_leaves_the_key_out() {
+        let m = MediaRef {
+            key: vec![0xab; 32],
+            ..photo()
+        };
+        let shown = format!("{m:?}");
+        assert!(shown.contains("photo.jpg") && shown.contains("redacted"));
+        assert!(!shown.contains("171"), "{shown}");
     }
 
     #[test]
@@ -184,7 +217,7 @@ mod tests {
         ));
         let v2 = Content {
             version: 2,
-            body: Some(content::Body::Text("x".into())),
+            body: Some(body::Body::Text("x".into())),
         };
         assert!(matches!(
             Content::decode_body(&v2.encode_to_vec()),

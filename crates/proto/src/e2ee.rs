@@ -132,7 +132,10 @@ mod tests {
                 ciphertext: vec![1, 2, 3],
             })),
         };
-        assert_eq!(Envelope::decode(e.encode_to_vec().as_slice()).expect("decode"), e);
+        assert_eq!(
+            Envelope::decode(e.encode_to_vec().as_slice()).expect("decode"),
+            e
+        );
         let p = OlmPayload {
             sender_user: 1,
             sender_device: 2,
@@ -145,8 +148,14 @@ mod tests {
                 session_key: vec![7; 32],
             })),
         };
-        assert_eq!(OlmPayload::decode(p.encode_to_vec().as_slice()).expect("decode"), p);
-        assert!(!format!("{p:?}").contains("[7, 7"), "keys stay out of Debug");
+        assert_eq!(
+            OlmPayload::decode(p.encode_to_vec().as_slice()).expect("decode"),
+            p
+        );
+        assert!(
+            !format!("{p:?}").contains("[7, 7"),
+            "keys stay out of Debug"
+        );
         assert!(Envelope::decode(&[0xff, 0xff, 0xff][..]).is_err());
     }
 }

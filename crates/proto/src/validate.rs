@@ -96,6 +96,28 @@ pub fn client_msg_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest key, signature or key id text the key directory stores (a Curve25519 key is 43
+/// characters of base64, an Ed25519 signature 86).
+pub const KEY_TEXT_MAX: usize = 128;
+
+/// A public key, signature or key id as published to the key directory: 1–128 characters of
+/// base64 (standard or URL-safe alphabet, padding allowed). The server stores keys opaquely;
+/// this only bounds what it stores.
+pub fn key_text(what: &str, text: &str) -> Result<(), String> {
+    let ok = !text.is_empty()
+        && text.len() <= KEY_TEXT_MAX
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'='));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} must be 1-{KEY_TEXT_MAX} characters of base64"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,27 +175,5 @@ mod tests {
         assert!(client_msg_id("").is_err());
         assert!(client_msg_id("with space").is_err());
         assert!(client_msg_id(&"x".repeat(65)).is_err());
-    }
-}
-
-/// Longest key, signature or key id text the key directory stores (a Curve25519 key is 43
-/// characters of base64, an Ed25519 signature 86).
-pub const KEY_TEXT_MAX: usize = 128;
-
-/// A public key, signature or key id as published to the key directory: 1–128 characters of
-/// base64 (standard or URL-safe alphabet, padding allowed). The server stores keys opaquely;
-/// this only bounds what it stores.
-pub fn key_text(what: &str, text: &str) -> Result<(), String> {
-    let ok = !text.is_empty()
-        && text.len() <= KEY_TEXT_MAX
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'='));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what} must be 1-{KEY_TEXT_MAX} characters of base64"
-        ))
     }
 }

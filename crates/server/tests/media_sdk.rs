@@ -53,10 +53,11 @@ fn bytes(len: usize, seed: u32) -> Vec<u8> {
 async fn next_media(events: &mut tern_client::EventStream) -> StoredMessage {
     tokio::time::timeout(WAIT, async {
         loop {
-            if let Event::Message(m) = events.next().await.expect("events") {
-                if !m.outgoing && m.media().is_some() {
-                    return *m;
-                }
+            if let Event::Message(m) = events.next().await.expect("events")
+                && !m.outgoing
+                && m.media().is_some()
+            {
+                return *m;
             }
         }
     })

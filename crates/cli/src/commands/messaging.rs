@@ -143,7 +143,7 @@ pub async fn read(
 }
 
 /// Syncs first (if `sync` is a timeout), so the view includes what is waiting on the server.
-async fn maybe_sync(client: &Client, sync: Option<Duration>) -> anyhow::Result<()> {
+pub(super) async fn maybe_sync(client: &Client, sync: Option<Duration>) -> anyhow::Result<()> {
     let Some(timeout) = sync else { return Ok(()) };
     let result = bounded(
         timeout,

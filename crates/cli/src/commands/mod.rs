@@ -3,6 +3,7 @@
 
 mod account;
 mod groups;
+mod media;
 mod messaging;
 
 use std::future::Future;
@@ -47,6 +48,55 @@ pub async fn run(cli: Cli, out: &Printer) -> anyhow::Result<()> {
                 }
             };
             messaging::send(&client, out, &target, &text, timeout).await
+        }
+        Command::SendFile {
+            first,
+            path,
+            group,
+            caption,
+        } => {
+            let (target, path) = match (group, path) {
+                (Some(g), None) => (Target::Group(g), PathBuf::from(first)),
+                (None, Some(path)) => (Target::User(first), path),
+                (Some(_), Some(_)) => {
+                    return Err(cli_error(
+                        "invalid_input",
+                        "with --group, give only the file",
+                    ));
+                }
+                (None, None) => {
+                    return Err(cli_error(
+                        "invalid_input",
+                        "give USER and PATH, or --group GROUP and PATH",
+                    ));
+                }
+            };
+            media::send_file(
+                &client,
+                out,
+                &target,
+                &path,
+                caption.as_deref(),
+                cli.timeout,
+            )
+            .await
+        }
+        Command::Download {
+            message,
+            out: dest,
+            force,
+            local,
+        } => {
+            media::download(
+                &client,
+                out,
+                &message,
+                dest,
+                force,
+                (!local).then_some(timeout),
+                cli.timeout,
+            )
+            .await
         }
         Command::Sync => messaging::sync(&client, out, timeout).await,
         Command::Listen { count } => messaging::listen(&client, out, count, cli.timeout).await,

@@ -15,12 +15,17 @@
 //!
 //! - `apply.rs`: storing mailbox events (messages, receipts).
 //! - `query.rs`: reading history, ticks and read positions.
+//! - `uploads.rs`: files being sent, so that an interrupted send resumes.
 
 mod apply;
 mod query;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod uploads;
+
+pub(crate) use query::ConvName;
+pub(crate) use uploads::{PendingUpload, SourceKey};
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -210,7 +215,8 @@ impl LocalStore {
         if owner.is_some_and(|o| o != s.user_id) {
             tx.execute_batch(
                 "DELETE FROM messages; DELETE FROM watermarks; DELETE FROM reader_watermarks;
-                 DELETE FROM peers; DELETE FROM groups;",
+                 DELETE FROM peers; DELETE FROM groups;
+                 UPDATE media_uploads SET upload_url = NULL, uploaded = 0;",
             )?;
         }
         tx.execute(
@@ -314,24 +320,7 @@ impl LocalStore {
         now_ms: i64,
     ) -> Result<StoredMessage, Error> {
         let conn = self.lock();
-        conn.execute(
-            "INSERT INTO messages (conv_kind, conv_id, conv_name, seq, sender_user,
-                 sender_username, sender_device, outgoing, client_msg_id, body, server_ts_ms,
-                 created_ms)
-             VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, 1, ?7, ?8, NULL, ?9)",
-            params![
-                item.conv.kind(),
-                item.conv.id(),
-                item.conv_name,
-                me.user_id,
-                me.username,
-                me.device_id,
-                item.client_msg_id,
-                item.body,
-                now_ms
-            ],
-        )?;
-        let id = conn.last_insert_rowid();
+        let id = insert_outgoing(&conn, me, item, now_ms)?;
         Ok(query::message_by_rowid(&conn, id)?)
     }
 
@@ -397,6 +386,33 @@ impl LocalStore {
         raise_watermarks(&conn, conv, 0, 0, up_to)?;
         Ok(())
     }
+}
+
+/// Inserts a pending message of mine; returns its row id.
+fn insert_outgoing(
+    conn: &Connection,
+    me: &SavedSession,
+    item: &OutboxItem,
+    now_ms: i64,
+) -> rusqlite::Result<i64> {
+    conn.execute(
+        "INSERT INTO messages (conv_kind, conv_id, conv_name, seq, sender_user,
+             sender_username, sender_device, outgoing, client_msg_id, body, server_ts_ms,
+             created_ms)
+         VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, 1, ?7, ?8, NULL, ?9)",
+        params![
+            item.conv.kind(),
+            item.conv.id(),
+            item.conv_name,
+            me.user_id,
+            me.username,
+            me.device_id,
+            item.client_msg_id,
+            item.body,
+            now_ms
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
 }
 
 fn limit_param(limit: usize) -> i64 {

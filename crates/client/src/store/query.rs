@@ -3,9 +3,17 @@
 //! one row however many messages it covers. System messages are decoded here, so their text
 //! is always the current rendering of the stored event.
 
-use rusqlite::{Connection, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Conv, LocalStore, limit_param};
+
+/// A conversation as apps name it: a peer's username, or a group id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConvName<'a> {
+    Direct(&'a str),
+    Group(u64),
+}
+use crate::content;
 use crate::error::Error;
 use crate::group_event::GroupChange;
 use crate::types::{StoredMessage, Tick};
@@ -77,6 +85,28 @@ impl LocalStore {
         Ok(rows.next().transpose()?)
     }
 
+    /// The message with `seq` in a conversation, if it is stored here.
+    pub fn message_at(&self, conv: ConvName<'_>, seq: u64) -> Result<Option<StoredMessage>, Error> {
+        let conn = self.lock();
+        let found = match conv {
+            ConvName::Direct(username) => conn.query_row(
+                &format!(
+                    "{SELECT_MESSAGE} WHERE m.conv_kind = ?1 AND m.conv_name = ?2 AND m.seq = ?3"
+                ),
+                params![Conv::DIRECT, username, seq],
+                message_from_row,
+            ),
+            ConvName::Group(id) => conn.query_row(
+                &format!(
+                    "{SELECT_MESSAGE} WHERE m.conv_kind = ?1 AND m.conv_id = ?2 AND m.seq = ?3"
+                ),
+                params![Conv::GROUP, id, seq],
+                message_from_row,
+            ),
+        };
+        Ok(found.optional()?)
+    }
+
     /// The highest seq of a message not written by me (other people's and system messages),
     /// and how far I have read.
     pub fn read_position(&self, conv: Conv) -> Result<(Option<u64>, u64), Error> {
@@ -124,7 +154,7 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
     });
     let text = match &change {
         Some(c) => c.describe(),
-        None => String::from_utf8_lossy(&body).into_owned(),
+        None => content::render(&body),
     };
     let (peer_user, group_name) = match conv {
         Conv::Direct(p) => (p, None),

@@ -1,7 +1,8 @@
 //! Numbered schema migrations, applied in order inside one transaction each, tracked with
 //! `PRAGMA user_version`. A migration is never edited once released; add a new one instead.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction, params};
+use tern_proto::content::Content;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -125,13 +126,69 @@ pub(super) const MIGRATIONS: &[&str] = &[
         name_seq INTEGER NOT NULL DEFAULT 0
     );
     "#,
+    // 3: media. Message bodies become `Content` (PROTOCOL.md §8.5): the text bodies stored so
+    // far are re-encoded by `reencode_bodies` in the same transaction. Files being sent are
+    // tracked so that a send interrupted at any point resumes where it stopped: the source
+    // file (path, size, mtime), its encrypted copy under `home/media-tmp/` with its key and
+    // hashes, and the tus upload's URL once created.
+    r#"
+    CREATE TABLE media_uploads (
+        id               INTEGER PRIMARY KEY,
+        source_path      TEXT    NOT NULL,
+        source_size      INTEGER NOT NULL,
+        source_mtime_ns  INTEGER NOT NULL,
+        temp_name        TEXT    NOT NULL UNIQUE,  -- file name in home/media-tmp
+        media_id         TEXT    NOT NULL,         -- hex SHA-256 of the ciphertext
+        media_key        BLOB    NOT NULL,
+        plaintext_sha256 BLOB    NOT NULL,
+        size             INTEGER NOT NULL,
+        encrypted_size   INTEGER NOT NULL,
+        upload_url       TEXT,                     -- the tus upload, once created
+        uploaded         INTEGER NOT NULL DEFAULT 0, -- the object is on the server, referenced
+        created_ms       INTEGER NOT NULL,
+        UNIQUE (source_path, source_size, source_mtime_ns)
+    );
+    "#,
 ];
+
+/// Runs after migration `i`'s SQL, in its transaction: data changes SQL cannot express.
+fn after(i: usize, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    match i {
+        2 => reencode_bodies(tx),
+        _ => Ok(()),
+    }
+}
+
+/// Bodies stored before version 3 are plain UTF-8 text; they become `Content::text`. In
+/// batches, so that a long history is never all in memory.
+fn reencode_bodies(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    const BATCH: i64 = 512;
+    let mut select = tx.prepare(
+        "SELECT id, body FROM messages WHERE system = 0 AND id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let mut update = tx.prepare("UPDATE messages SET body = ?1 WHERE id = ?2")?;
+    let mut after_id = 0i64;
+    loop {
+        let rows: Vec<(i64, Vec<u8>)> = select
+            .query_map(params![after_id, BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let Some((last, _)) = rows.last() else {
+            return Ok(());
+        };
+        after_id = *last;
+        for (id, body) in rows {
+            let content = Content::text(String::from_utf8_lossy(&body));
+            update.execute(params![content.encode_body(), id])?;
+        }
+    }
+}
 
 pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        after(i, &tx)?;
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }

@@ -7,6 +7,7 @@ use crate::types::Tick;
 
 mod groups;
 mod migration;
+mod uploads;
 
 pub(super) const ME: u64 = 1;
 pub(super) const BOB: u64 = 2;
@@ -27,6 +28,11 @@ pub(super) fn open(dir: &tempfile::TempDir) -> LocalStore {
     store
 }
 
+/// A message body as the SDK writes it.
+pub(super) fn text_body(text: &str) -> Vec<u8> {
+    tern_proto::content::Content::text(text).encode_body()
+}
+
 fn message(mailbox_seq: u64, seq: u64, sender: u64, text: &str) -> frames::Event {
     let sender_username = if sender == ME { "alice" } else { "bob" };
     frames::Event {
@@ -40,7 +46,7 @@ fn message(mailbox_seq: u64, seq: u64, sender: u64, text: &str) -> frames::Event
             sender_device: if sender == ME { 11 } else { 20 },
             client_msg_id: format!("m{seq}"),
             server_ts_ms: 1000 + seq as i64,
-            body: text.as_bytes().to_vec(),
+            body: text_body(text),
             ..Default::default()
         })),
     }
@@ -67,7 +73,7 @@ fn outbox_item(id: &str, text: &str) -> OutboxItem {
         conv: Conv::Direct(BOB),
         conv_name: "bob".into(),
         client_msg_id: id.into(),
-        body: text.as_bytes().to_vec(),
+        body: text_body(text),
     }
 }
 

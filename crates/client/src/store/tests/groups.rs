@@ -4,7 +4,7 @@
 use prost::Message as _;
 use tern_proto::frames::{self, event};
 
-use super::{BOB, ME, open, session};
+use super::{BOB, ME, open, session, text_body};
 use crate::group_event::GroupAction;
 use crate::store::{Conv, LocalStore, OutboxItem};
 use crate::types::{Event, SentMessage, StoredMessage, Tick};
@@ -33,7 +33,7 @@ fn group_message(mailbox_seq: u64, seq: u64, sender: u64, text: &str) -> frames:
             sender_device: sender * 10,
             client_msg_id: format!("g{seq}"),
             server_ts_ms: 1000 + seq as i64,
-            body: text.as_bytes().to_vec(),
+            body: text_body(text),
             group_name: "Family".into(),
             ..Default::default()
         })),
@@ -117,7 +117,7 @@ fn send_to_group(store: &LocalStore, id: &str, seq: u64) {
         conv: Conv::Group(GROUP),
         conv_name: "Family".into(),
         client_msg_id: id.into(),
-        body: b"mine".to_vec(),
+        body: text_body("mine"),
     };
     store.enqueue(&me, &item, 0).expect("enqueue");
     let sent = SentMessage {
@@ -397,7 +397,7 @@ fn outbox_keeps_group_messages_apart() {
         conv: Conv::Group(GROUP),
         conv_name: String::new(),
         client_msg_id: "g-pending".into(),
-        body: b"later".to_vec(),
+        body: text_body("later"),
     };
     let pending = store.enqueue(&me, &item, 0).expect("enqueue");
     assert_eq!(pending.conversation, "2");

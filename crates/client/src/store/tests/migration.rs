@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, params};
 
-use super::{BOB, session};
+use super::{BOB, session, text_body};
 use crate::store::schema::MIGRATIONS;
 use crate::store::{Conv, LocalStore};
 use crate::types::Tick;
@@ -74,8 +74,57 @@ fn version_1_profiles_are_migrated() {
     assert_eq!(outbox.len(), 1);
     assert_eq!(outbox[0].conv, Conv::Direct(BOB));
     assert_eq!(outbox[0].conv_name, "bob");
+    // Bodies were re-encoded as Content, so the outbox sends what every SDK reads.
+    assert_eq!(outbox[0].body, text_body("pending"));
     // Opening again is a no-op.
     drop(store);
     let store = LocalStore::open(dir.path()).expect("reopen");
     assert_eq!(store.history("bob", 10).expect("history").len(), 4);
+}
+
+/// Version 2 (groups) to 3 (Content bodies): user bodies are re-encoded, system bodies (an
+/// encoded GroupEvent written by the server) are left alone.
+#[test]
+fn version_2_bodies_become_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system_body = vec![0x08, 0x01, 0x22, 0x03, b'F', b'a', b'm'];
+    {
+        let mut conn = Connection::open(dir.path().join("state.db")).expect("open v2");
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).expect("schema");
+        }
+        conn.pragma_update(None, "user_version", 2)
+            .expect("version");
+        let tx = conn.transaction().expect("tx");
+        // More rows than one re-encoding batch.
+        for seq in 1..=1200u64 {
+            tx.execute(
+                "INSERT INTO messages (conv_kind, conv_id, conv_name, seq, sender_user,
+                     sender_username, sender_device, outgoing, system, client_msg_id, body,
+                     server_ts_ms, created_ms)
+                 VALUES (0, 2, 'bob', ?1, 2, 'bob', 20, 0, 0, ?2, ?3, 1, 1)",
+                params![seq, format!("c{seq}"), format!("text {seq}").as_bytes()],
+            )
+            .expect("message");
+        }
+        tx.execute(
+            "INSERT INTO messages (conv_kind, conv_id, conv_name, seq, sender_user,
+                 sender_username, sender_device, outgoing, system, client_msg_id, body,
+                 server_ts_ms, created_ms)
+             VALUES (1, 5, 'Fam', 1, 2, 'bob', 0, 0, 1, '', ?1, 1, 1)",
+            params![system_body],
+        )
+        .expect("system message");
+        tx.commit().expect("commit");
+    }
+    let store = LocalStore::open(dir.path()).expect("migrate");
+    let history = store.history("bob", 2000).expect("history");
+    assert_eq!(history.len(), 1200);
+    for (i, m) in history.iter().enumerate() {
+        assert_eq!(m.text, format!("text {}", i + 1));
+        assert_eq!(m.body, text_body(&m.text));
+    }
+    let group = store.conversation(Conv::Group(5), 10).expect("group");
+    assert_eq!(group[0].body, system_body, "system bodies are untouched");
+    assert!(group[0].is_system());
 }
