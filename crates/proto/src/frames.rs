@@ -139,8 +139,10 @@ pub struct DeviceBody {
 
 /// Post a message. To a user: `devices` must list exactly the recipient's current devices plus
 /// the sender's own other devices; otherwise the answer is `Error{DEVICE_MISMATCH}` with the
-/// missing and extra ids. To a group: `devices` must be empty; the server fans the one body out
-/// to every member device. Retrying with the same `client_msg_id` is safe (idempotent).
+/// missing and extra ids. To a group: `devices` empty (the server fans the one body out to every
+/// member device), or exactly every member device but the sending one, checked like a direct
+/// message, each optionally with its own body. Retrying with the same `client_msg_id` is safe
+/// (idempotent).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Send {
     #[prost(string, tag = "1")]

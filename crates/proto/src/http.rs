@@ -308,6 +308,13 @@ pub struct UserKeys {
     pub devices: Vec<DeviceKeys>,
 }
 
+/// `GET /v1/groups/{id}/keys`: every member of the group with its devices' identity keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupKeys {
+    pub group_id: u64,
+    pub members: Vec<UserKeys>,
+}
+
 /// `POST /v1/keys/claim`: one key per listed device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

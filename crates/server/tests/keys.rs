@@ -118,3 +118,45 @@ async fn publish_list_claim_and_fallback() {
         .await;
     assert_eq!(s, 413);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_keys_for_members_only() {
+    let server = TestServer::start().await;
+    let http = server.http();
+    let (_, alice_dev, alice) = http.account("alice").await;
+    let (bob_id, _, bob) = http.account("bob").await;
+    let (_, _, eve) = http.account("eve").await;
+    let (s, _) = http
+        .put_json("/v1/keys", json!({"identity": identity("A")}), Some(&alice))
+        .await;
+    assert_eq!(s, 200);
+    let (s, g) = http
+        .post(
+            "/v1/groups",
+            json!({"name": "g", "members": ["bob"]}),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(s, 201, "{g}");
+    let path = format!("/v1/groups/{}/keys", g["group_id"]);
+    let (s, v) = http.get(&path, Some(&bob)).await;
+    assert_eq!(s, 200, "{v}");
+    let members = v["members"].as_array().expect("members");
+    assert_eq!(members.len(), 2);
+    let a = members
+        .iter()
+        .find(|m| m["username"] == "alice")
+        .expect("alice");
+    assert_eq!(a["devices"][0]["device_id"], alice_dev);
+    assert_eq!(a["devices"][0]["identity"], identity("A"));
+    let b = members
+        .iter()
+        .find(|m| m["username"] == "bob")
+        .expect("bob");
+    assert_eq!(b["user_id"], bob_id);
+    assert_eq!(b["devices"][0]["identity"], serde_json::Value::Null);
+    let (s, _) = http.get(&path, Some(&eve)).await;
+    assert_eq!(s, 404, "not a member: the group does not exist for eve");
+    let (s, _) = http.get("/v1/groups/x/keys", Some(&bob)).await;
+    assert_eq!(s, 400);
+}

@@ -175,7 +175,8 @@ pub struct AddressedDevice {
 pub struct NewMessage {
     pub sender: DeviceAuth,
     /// A user (the devices must be addressed exactly) or a group (`devices` empty: the store
-    /// fans out to every member device).
+    /// fans out to every member device; or exactly every member device but the sender's, some
+    /// with bodies of their own, as end-to-end encrypted groups send).
     pub to: Target,
     pub client_msg_id: String,
     pub body: Vec<u8>,

@@ -571,16 +571,19 @@ async fn groups_fan_out_one_body_in_one_order(f: Fixture) {
         kinds_of(s, carol[0].device_id).await,
         vec![(1, MessageKind::System), (2, MessageKind::User)]
     );
-    // Devices addressed explicitly, or non-members posting: refused, nothing stored.
+    // A partial set of addressed devices, or non-members posting: refused, nothing stored.
     let mut bad = group_post(&bob[0], gid, "x");
     bad.devices.push(AddressedDevice {
         device: carol[0].device_id,
         body: None,
     });
-    assert!(matches!(
+    assert_eq!(
         s.post_message(bad).await,
-        Err(StoreError::Invalid(_))
-    ));
+        Err(StoreError::DeviceMismatch {
+            missing: ids(&alice),
+            extra: vec![],
+        })
+    );
     let dave = user(s, "dave", 1).await;
     assert_eq!(
         s.post_message(group_post(&dave[0], gid, "x")).await,
@@ -1210,6 +1213,83 @@ async fn key_directory_publish_list_and_claim(f: Fixture) {
     );
 }
 
+/// End-to-end encrypted groups address every member device but the sender's, exactly, and may
+/// give some of them a body of their own (the others get the shared one).
+async fn addressed_group_messages(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 2).await;
+    let bob = user(s, "bob", 2).await;
+    let g = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id]))
+        .await
+        .expect("create");
+    let gid = g.group.id;
+    let addressed = |own: &[(DeviceId, &str)], devs: &[DeviceId]| {
+        devs.iter()
+            .map(|d| AddressedDevice {
+                device: *d,
+                body: own
+                    .iter()
+                    .find(|(o, _)| o == d)
+                    .map(|(_, b)| b.as_bytes().to_vec()),
+            })
+            .collect::<Vec<_>>()
+    };
+    // The sender's own device in the set is extra; a member device left out is missing.
+    let mut wrong = group_post(&alice[0], gid, "w");
+    wrong.devices = addressed(
+        &[],
+        &[alice[0].device_id, bob[0].device_id, bob[1].device_id],
+    );
+    assert_eq!(
+        s.post_message(wrong).await,
+        Err(StoreError::DeviceMismatch {
+            missing: vec![alice[1].device_id],
+            extra: vec![alice[0].device_id],
+        })
+    );
+    assert_eq!(s.group(gid).await.expect("g").expect("exists").last_seq, 1);
+
+    let mut ok = group_post(&alice[0], gid, "m");
+    ok.devices = addressed(
+        &[(bob[1].device_id, "key for bob 1")],
+        &[alice[1].device_id, bob[0].device_id, bob[1].device_id],
+    );
+    let out = s.post_message(ok).await.expect("post");
+    let PostOutcome::Stored {
+        seq: 2, deliveries, ..
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    let mut got: Vec<(DeviceId, Vec<u8>)> = deliveries
+        .iter()
+        .map(|d| match &d.entry.item {
+            MailboxItem::Message(m) => (d.device, m.body.to_vec()),
+            MailboxItem::Receipt(_) => panic!("a receipt"),
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (alice[1].device_id, b"body m".to_vec()),
+            (bob[0].device_id, b"body m".to_vec()),
+            (bob[1].device_id, b"key for bob 1".to_vec()),
+        ]
+    );
+    // What waits in the mailbox is the same as what was handed out live.
+    let waiting = s
+        .mailbox_after(bob[1].device_id, 0, 10)
+        .await
+        .expect("mailbox");
+    let last = waiting.last().expect("entries");
+    let MailboxItem::Message(m) = &last.item else {
+        panic!("{last:?}")
+    };
+    assert_eq!(&m.body[..], b"key for bob 1");
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -1225,6 +1305,7 @@ macro_rules! conformance {
                 concurrent_posts_share_one_order,
                 last_seen_and_privacy,
                 groups_fan_out_one_body_in_one_order,
+                addressed_group_messages,
                 membership_bounds_what_members_see,
                 group_rights_and_limits,
                 group_receipts_and_message_info,

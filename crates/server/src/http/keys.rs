@@ -5,8 +5,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use tern_proto::ErrorCode;
 use tern_proto::http::{
-    ClaimRequest, ClaimResponse, ClaimedKey, DeviceKeys, IdentityKeys, KeyCounts, KeysUpload,
-    SignedKey, UserKeys,
+    ClaimRequest, ClaimResponse, ClaimedKey, DeviceKeys, GroupKeys, IdentityKeys, KeyCounts,
+    KeysUpload, SignedKey, UserKeys,
 };
 use tern_proto::validate::key_text;
 use tern_store::{IdentityKeysRecord, KeyCountRecord, KeyUpload, SignedKeyRecord};
@@ -97,9 +97,30 @@ pub async fn user_keys(
     Path(name): Path<String>,
 ) -> Result<Json<UserKeys>, ApiError> {
     let u = user(&state, &name).await?;
+    Ok(Json(keys_of(&state, u.id, u.username).await?))
+}
+
+/// `GET /v1/groups/{id}/keys`: every member's devices and identity keys, for members only.
+pub async fn group_keys(
+    State(state): State<AppState>,
+    Authed(who): Authed,
+    Path(g): Path<String>,
+) -> Result<Json<GroupKeys>, ApiError> {
+    let group_id: u64 = g
+        .parse()
+        .map_err(|_| ApiError::bad_request("a group id is a number"))?;
+    let info = state.groups.get(&who, group_id).await?;
+    let mut members = Vec::with_capacity(info.members.len());
+    for m in info.members {
+        members.push(keys_of(&state, m.user_id, m.username).await?);
+    }
+    Ok(Json(GroupKeys { group_id, members }))
+}
+
+async fn keys_of(state: &AppState, user_id: u64, username: String) -> Result<UserKeys, ApiError> {
     let devices = state
         .store
-        .device_keys(u.id)
+        .device_keys(user_id)
         .await?
         .into_iter()
         .map(|d| DeviceKeys {
@@ -111,11 +132,11 @@ pub async fn user_keys(
             }),
         })
         .collect();
-    Ok(Json(UserKeys {
-        user_id: u.id,
-        username: u.username,
+    Ok(UserKeys {
+        user_id,
+        username,
         devices,
-    }))
+    })
 }
 
 pub async fn claim(

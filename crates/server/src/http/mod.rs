@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
             delete(groups::remove_member),
         )
         .route("/v1/groups/{id}/leave", post(groups::leave))
+        .route("/v1/groups/{id}/keys", get(keys::group_keys))
         .route(
             "/v1/groups/{id}/admins/{username}",
             put(groups::promote).delete(groups::demote),

@@ -281,23 +281,43 @@ pub fn post_message(
     };
     let (seq, deliveries) = match p.to {
         Target::Group(group) => {
-            if !p.devices.is_empty() {
-                return Err(StoreError::Invalid(
-                    "a group message addresses no devices".into(),
-                ));
-            }
             let conv_id = member_group(c, Some(cache), group, sender.id)?;
+            // Addressed (end-to-end encrypted groups): exactly every member device but the
+            // sender's, like a direct message; checked before anything is written.
+            let addressed = if p.devices.is_empty() {
+                None
+            } else {
+                let to: Vec<(DeviceId, UserId)> = cache
+                    .fanout(c, conv_id)?
+                    .devices()
+                    .filter(|(_, d)| *d != p.sender.device_id)
+                    .map(|(u, d)| (d, u))
+                    .collect();
+                let expected: Vec<DeviceId> = to.iter().map(|t| t.0).collect();
+                let got: Vec<DeviceId> = p.devices.iter().map(|d| d.device).collect();
+                check_device_set(&expected, &got)?;
+                Some(to)
+            };
             let name: String = c
                 .prepare_cached("SELECT name FROM groups WHERE conversation_id = ?1")?
                 .query_row([conv_id], |r| r.get(0))?;
             let seq = next_seq(c, conv_id)?;
-            let deliveries = fan_out_group(
-                c,
-                cache,
-                conv_id,
-                record(Conversation::Group { id: group, name }, seq),
-                p.sender.device_id,
-            )?;
+            let record = record(Conversation::Group { id: group, name }, seq);
+            let deliveries = match addressed {
+                None => fan_out_group(c, cache, conv_id, record, p.sender.device_id)?,
+                Some(to) => {
+                    let mut own: BTreeMap<DeviceId, Option<Vec<u8>>> = p
+                        .devices
+                        .iter()
+                        .map(|a| (a.device, a.body.clone()))
+                        .collect();
+                    let to: Vec<_> = to
+                        .into_iter()
+                        .map(|(d, u)| (d, u, own.remove(&d).flatten()))
+                        .collect();
+                    store_message(c, conv_id, record, &to)?
+                }
+            };
             (seq, deliveries)
         }
         Target::User(recipient) => {
