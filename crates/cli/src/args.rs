@@ -38,6 +38,11 @@ pub struct Cli {
         default_value = "tern-cli"
     )]
     pub device_name: String,
+    /// Protect this profile's encryption keys with a passphrase (argon2id) instead of the key
+    /// file `store.key` in the profile directory. Set it when the profile is created; it is
+    /// then needed every time.
+    #[arg(long, global = true, env = "TERN_PASSPHRASE", hide_env_values = true)]
+    pub passphrase: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -148,6 +153,15 @@ stripped) in the current directory. An interrupted download resumes when run aga
     },
     /// When USER was last online (as far as privacy settings allow).
     LastSeen { user: String },
+    /// Show the safety number with USER, to compare in person or over a call; `--confirm`
+    /// marks USER verified once both sides see the same digits (a later change of USER's keys
+    /// is then flagged loudly).
+    Verify {
+        user: String,
+        /// The numbers matched: mark USER's current keys as verified.
+        #[arg(long)]
+        confirm: bool,
+    },
     /// Show or change privacy settings.
     Privacy {
         #[command(subcommand)]

@@ -14,8 +14,8 @@ use std::io::Write;
 
 use serde_json::{Value, json};
 use tern_client::{
-    ConnectionState, DeviceInfo, Event, LastSeenResponse, ReceiptEvent, SentMessage, Session,
-    StoredMessage, Tick,
+    ConnectionState, DeviceInfo, Event, KeysChanged, LastSeenResponse, ReceiptEvent, SafetyNumber,
+    SentMessage, Session, StoredMessage, Tick,
 };
 
 /// An error with a fixed code for scripts, raised by the CLI itself (not the SDK).
@@ -264,8 +264,62 @@ impl Printer {
             Event::Synced => self.synced(0),
             Event::Lagged(n) => self.warning(&format!("missed {n} events; see `tern history`")),
             Event::Error(m) => self.warning(m),
+            Event::KeysChanged(k) => self.keys_changed(k),
+            // The message itself is printed too, saying it could not be decrypted.
+            Event::DecryptionFailed(_) => {}
         }
         matches!(e, Event::Message(_) | Event::Receipt(_))
+    }
+
+    /// A contact's keys changed: a warning, loud if the contact had been verified.
+    pub fn keys_changed(&self, k: &KeysChanged) {
+        if self.json {
+            self.line(&json!({
+                "type": "keys_changed", "username": k.username, "user_id": k.user_id,
+                "was_verified": k.was_verified,
+            }));
+        } else if k.was_verified {
+            self.note(&format!(
+                "!!! WARNING: the keys of {} CHANGED since you verified them. Compare safety \
+                 numbers again (`tern verify {}`) before trusting this conversation.",
+                k.username, k.username
+            ));
+        } else {
+            self.note(&format!(
+                "-- {}'s security code changed (a device was added or removed); `tern verify {}` \
+                 to compare",
+                k.username, k.username
+            ));
+        }
+    }
+
+    pub fn safety_number(&self, s: &SafetyNumber) {
+        if self.json {
+            self.line(&json!({
+                "type": "safety_number", "username": s.username, "user_id": s.user_id,
+                "number": s.number, "devices": s.their_devices, "verified": s.verified,
+            }));
+        } else {
+            let groups: Vec<&str> = s.number.split(' ').collect();
+            let mut out = format!("safety number with {}:\n", s.username);
+            for row in groups.chunks(4) {
+                out.push_str(&format!("    {}\n", row.join(" ")));
+            }
+            out.push_str(&format!(
+                "covers {} device(s) of {}; {}",
+                s.their_devices,
+                s.username,
+                if s.verified {
+                    "VERIFIED".to_owned()
+                } else {
+                    format!(
+                        "not verified: compare with {} in person, then `tern verify {} --confirm`",
+                        s.username, s.username
+                    )
+                }
+            ));
+            self.text(&out);
+        }
     }
 
     pub fn device(&self, d: &DeviceInfo) {

@@ -55,6 +55,8 @@ pub(crate) struct Inner {
     /// Media uploads and downloads: their HTTP client, and the files in transfer.
     pub media_http: MediaHttp,
     pub media_busy: Busy,
+    /// Told when one-time keys should be topped up.
+    pub keys_wanted: Arc<tokio::sync::Notify>,
 }
 
 pub(crate) struct ConnHandle {
@@ -72,7 +74,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Client {
     /// Opens the profile in `config.home` (creating it if needed) and restores a saved session.
     pub fn open(config: ClientConfig) -> Result<Client, Error> {
-        let store = LocalStore::open(&config.home)?;
+        let store = LocalStore::open_protected(&config.home, config.passphrase.as_deref())?;
         let session = store.load_session()?;
         if let Some(s) = &session
             && s.server.trim_end_matches('/') != config.base_url()
@@ -96,6 +98,7 @@ impl Client {
                 in_flight: Mutex::new(HashSet::new()),
                 media_http,
                 media_busy: Busy::default(),
+                keys_wanted: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -146,9 +149,11 @@ impl Client {
             .store
             .run(move |s| s.save_session(&to_save))
             .await?;
-        *lock(&self.inner.session) = Some(saved);
+        *lock(&self.inner.session) = Some(saved.clone());
         lock(&self.inner.directory).clear();
         tracing::info!(device_id = r.device_id, "logged in");
+        // The new device's keys, before anyone can try to write to it.
+        self.maintain_keys(&saved).await?;
         self.session().ok_or(Error::NotLoggedIn)
     }
 
@@ -180,6 +185,8 @@ impl Client {
                 store: self.inner.store.clone(),
                 events: self.inner.events.clone(),
                 status: self.inner.status.clone(),
+                http: self.inner.http.clone(),
+                keys_wanted: self.inner.keys_wanted.clone(),
             };
             ctx.set_state(ConnectionState::Connecting);
             let task = tokio::spawn(connection::run(ctx, cmd_rx, shutdown_rx, first_tx));
@@ -299,9 +306,7 @@ impl Client {
     /// My devices, as the server knows them.
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, Error> {
         let s = self.saved_session()?;
-        let devices = self.inner.http.devices(&s.token).await?;
-        lock(&self.inner.directory).put_own(devices.iter().map(|d| d.device_id).collect());
-        Ok(devices)
+        self.inner.http.devices(&s.token).await
     }
 
     /// Removes one of my devices (its token stops working; its socket is closed with 4001).
@@ -358,29 +363,41 @@ pub(crate) fn normalize_username(name: &str) -> Result<String, Error> {
     Ok(name)
 }
 
-/// Sends the outbox after every new connection (a restarted client resends with the same
-/// client_msg_ids). Holds only a weak reference, so it never keeps a dropped client alive.
+/// After every new connection: tops up the device's published keys, then sends the outbox (a
+/// restarted client resends with the same client_msg_ids). Between connections, tops up keys
+/// when a pre-key message used one. Holds only a weak reference, so it never keeps a dropped
+/// client alive.
 async fn outbox_watcher(inner: Weak<Inner>) {
-    let Some(mut rx) = inner.upgrade().map(|i| i.status.subscribe()) else {
+    let Some((mut rx, keys_wanted)) = inner
+        .upgrade()
+        .map(|i| (i.status.subscribe(), i.keys_wanted.clone()))
+    else {
         return;
     };
     let mut seen = 0;
     loop {
-        let generation = match rx
-            .wait_for(|s| {
+        let generation = tokio::select! {
+            s = rx.wait_for(|s| {
                 s.state.is_closed()
                     || (s.state == ConnectionState::Connected && s.generation != seen)
-            })
-            .await
-        {
-            Ok(s) if !s.state.is_closed() => s.generation,
-            _ => return,
+            }) => match s {
+                Ok(s) if !s.state.is_closed() => Some(s.generation),
+                _ => return,
+            },
+            () = keys_wanted.notified() => None,
         };
-        seen = generation;
         let Some(inner) = inner.upgrade() else { return };
         let client = Client { inner };
-        if let Err(e) = client.flush_outbox().await {
-            tracing::warn!(error = %e, "outbox flush stopped");
+        if let Ok(session) = client.saved_session()
+            && let Err(e) = client.maintain_keys(&session).await
+        {
+            tracing::warn!(error = %e, "cannot publish keys");
+        }
+        if let Some(g) = generation {
+            seen = g;
+            if let Err(e) = client.flush_outbox().await {
+                tracing::warn!(error = %e, "outbox flush stopped");
+            }
         }
     }
 }

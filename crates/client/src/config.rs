@@ -20,6 +20,10 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// Bound on each HTTP request and on the WebSocket handshake (default 15 s).
     pub request_timeout: Duration,
+    /// Protects the profile's encryption keys at rest (argon2id). Without one (the default),
+    /// a random key in `home/store.key` does; a profile keeps the protection it was created
+    /// with.
+    pub passphrase: Option<String>,
 }
 
 impl ClientConfig {
@@ -31,6 +35,7 @@ impl ClientConfig {
             reconnect_initial: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(15),
+            passphrase: None,
         }
     }
 

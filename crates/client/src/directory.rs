@@ -1,44 +1,62 @@
-//! Which devices a `Send` must address: every current device of the recipient plus my own
-//! other devices (PROTOCOL.md §4.1). Lists are fetched over HTTP and cached in memory; a
-//! `device_mismatch` answer invalidates them, so the next attempt fetches fresh ones.
+//! Which devices a `Send` must address, with their identity keys (PROTOCOL.md §4.1, §7, §9):
+//! for a user, every current device of the recipient plus my own other devices; for a group,
+//! every member device but mine. Lists are fetched over HTTP (`/v1/users/{name}/keys`,
+//! `/v1/groups/{id}/keys`) and cached in memory; a `device_mismatch` answer invalidates them,
+//! so the next attempt fetches fresh ones. The server checks the set on every send, so a stale
+//! cache costs one retry, never a device left out.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
-use crate::error::Error;
-use crate::http::Http;
+use tern_proto::http::UserKeys;
 
-/// Recipients whose device lists are cached at most; past this the cache starts over.
-const MAX_CACHED_USERS: usize = 1024;
+/// Users (and groups) whose device lists are cached at most; past this the cache starts over.
+const MAX_CACHED: usize = 1024;
 
 #[derive(Debug, Default)]
 pub(crate) struct Directory {
-    users: HashMap<u64, Vec<u64>>,
-    own: Option<Vec<u64>>,
+    users: HashMap<u64, UserKeys>,
+    groups: HashMap<u64, Vec<UserKeys>>,
 }
 
 impl Directory {
-    pub fn cached(&self, peer_user: u64) -> Option<(Vec<u64>, Vec<u64>)> {
-        Some((self.users.get(&peer_user)?.clone(), self.own.clone()?))
+    pub fn user_by_name(&self, username: &str) -> Option<UserKeys> {
+        self.users
+            .values()
+            .find(|k| k.username == username)
+            .cloned()
     }
 
-    pub fn put_user(&mut self, user_id: u64, devices: Vec<u64>) {
-        if self.users.len() >= MAX_CACHED_USERS && !self.users.contains_key(&user_id) {
+    pub fn put_user(&mut self, keys: UserKeys) {
+        if self.users.len() >= MAX_CACHED && !self.users.contains_key(&keys.user_id) {
             self.users.clear();
         }
-        self.users.insert(user_id, devices);
+        self.users.insert(keys.user_id, keys);
     }
 
-    pub fn put_own(&mut self, devices: Vec<u64>) {
-        self.own = Some(devices);
+    pub fn group(&self, group_id: u64) -> Option<Vec<UserKeys>> {
+        self.groups.get(&group_id).cloned()
     }
 
-    pub fn invalidate(&mut self, peer_user: u64) {
-        self.users.remove(&peer_user);
-        self.own = None;
+    pub fn put_group(&mut self, group_id: u64, members: Vec<UserKeys>) {
+        if self.groups.len() >= MAX_CACHED && !self.groups.contains_key(&group_id) {
+            self.groups.clear();
+        }
+        self.groups.insert(group_id, members);
     }
 
+    /// Forgets a user's devices (and mine: either side may have changed).
+    pub fn invalidate(&mut self, user_id: u64, me: u64) {
+        self.users.remove(&user_id);
+        self.users.remove(&me);
+    }
+
+    pub fn invalidate_group(&mut self, group_id: u64) {
+        self.groups.remove(&group_id);
+    }
+
+    /// My own device list changed: every list that includes my devices is stale.
     pub fn invalidate_own(&mut self) {
-        self.own = None;
+        self.clear();
     }
 
     pub fn clear(&mut self) {
@@ -46,49 +64,30 @@ impl Directory {
     }
 }
 
-/// The set to address: recipient's devices ∪ my devices, minus the sending device.
-pub(crate) fn addressed(recipient: &[u64], own: &[u64], my_device: u64) -> Vec<u64> {
-    let set: BTreeSet<u64> = recipient
-        .iter()
-        .chain(own)
-        .copied()
-        .filter(|d| *d != my_device)
-        .collect();
-    set.into_iter().collect()
-}
-
-/// Fetches both lists; the recipient's user id comes back too, to check it still is the peer.
-pub(crate) async fn fetch(
-    http: &Http,
-    token: &str,
-    peer_username: &str,
-) -> Result<(u64, Vec<u64>, Vec<u64>), Error> {
-    let (peer, own) = tokio::join!(http.user_devices(token, peer_username), http.devices(token));
-    let peer = peer?;
-    let own = own?.into_iter().map(|d| d.device_id).collect();
-    Ok((peer.user_id, peer.devices, own))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn addresses_recipient_and_own_other_devices() {
-        assert_eq!(addressed(&[5, 6], &[1, 2], 1), [2, 5, 6]);
-        // Note to self: recipient devices are my own devices.
-        assert_eq!(addressed(&[1, 2, 3], &[1, 2, 3], 2), [1, 3]);
-        // A lone device writing to itself addresses nobody.
-        assert!(addressed(&[1], &[1], 1).is_empty());
+    fn keys(user_id: u64) -> UserKeys {
+        UserKeys {
+            user_id,
+            username: format!("u{user_id}"),
+            devices: Vec::new(),
+        }
     }
 
     #[test]
-    fn invalidation_forgets_both_lists() {
+    fn invalidation_forgets_the_user_and_me() {
         let mut d = Directory::default();
-        d.put_user(9, vec![90]);
-        d.put_own(vec![1]);
-        assert_eq!(d.cached(9), Some((vec![90], vec![1])));
-        d.invalidate(9);
-        assert_eq!(d.cached(9), None);
+        d.put_user(keys(9));
+        d.put_user(keys(1));
+        d.put_user(keys(5));
+        d.invalidate(9, 1);
+        assert!(d.user_by_name("u9").is_none());
+        assert!(d.user_by_name("u1").is_none());
+        assert!(d.user_by_name("u5").is_some());
+        d.put_group(3, vec![keys(9)]);
+        d.invalidate_own();
+        assert!(d.group(3).is_none());
     }
 }

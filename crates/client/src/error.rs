@@ -42,6 +42,10 @@ pub enum Error {
     /// the message names — see [`MediaError`].
     #[error(transparent)]
     Media(#[from] MediaError),
+    /// End-to-end encryption failed: keys missing or refused, state unreadable (wrong
+    /// passphrase or key file), a ciphertext that does not decrypt.
+    #[error("encryption: {0}")]
+    Crypto(String),
 }
 
 impl Error {
@@ -70,6 +74,7 @@ impl Error {
             Error::Protocol(_) => "protocol",
             Error::Store(_) => "store",
             Error::Media(m) => m.code_str(),
+            Error::Crypto(_) => "crypto",
             Error::Server { code, .. } => code.as_str(),
         }
     }

@@ -10,9 +10,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tern_proto::ErrorCode;
 use tern_proto::http::{
-    AddMembersRequest, CreateGroupRequest, DeviceInfo, DevicesResponse, ErrorBody, GroupInfo,
-    GroupSummary, GroupsResponse, LastSeenResponse, LoginRequest, LoginResponse, MessageInfo,
-    PrivacySettings, RegisterRequest, RegisterResponse, UpdateGroupRequest, UserDevicesResponse,
+    AddMembersRequest, ClaimRequest, ClaimResponse, CreateGroupRequest, DeviceInfo,
+    DevicesResponse, ErrorBody, GroupInfo, GroupKeys, GroupSummary, GroupsResponse, KeyCounts,
+    KeysUpload, LastSeenResponse, LoginRequest, LoginResponse, MessageInfo, PrivacySettings,
+    RegisterRequest, RegisterResponse, UpdateGroupRequest, UserKeys,
 };
 
 use crate::error::Error;
@@ -86,16 +87,6 @@ impl Http {
     pub async fn remove_device(&self, token: &str, device_id: u64) -> Result<(), Error> {
         let path = format!("/v1/devices/{device_id}");
         empty(self.request(Method::DELETE, &path, Some(token))).await
-    }
-
-    /// `username` must already be validated (it goes into the path).
-    pub async fn user_devices(
-        &self,
-        token: &str,
-        username: &str,
-    ) -> Result<UserDevicesResponse, Error> {
-        let path = format!("/v1/users/{username}/devices");
-        json(self.request(Method::GET, &path, Some(token))).await
     }
 
     /// `username` must already be validated (it goes into the path).
@@ -205,6 +196,42 @@ impl Http {
     pub async fn message_info(&self, token: &str, id: u64, seq: u64) -> Result<MessageInfo, Error> {
         let path = format!("/v1/groups/{id}/messages/{seq}");
         json(self.request(Method::GET, &path, Some(token))).await
+    }
+}
+
+/// The key directory (PROTOCOL.md §9). Usernames must already be validated.
+impl Http {
+    pub async fn key_counts(&self, token: &str) -> Result<KeyCounts, Error> {
+        json(self.request(Method::GET, "/v1/keys", Some(token))).await
+    }
+
+    pub async fn publish_keys(&self, token: &str, up: &KeysUpload) -> Result<KeyCounts, Error> {
+        json(send_json(
+            self.request(Method::PUT, "/v1/keys", Some(token)),
+            up,
+        ))
+        .await
+    }
+
+    pub async fn user_keys(&self, token: &str, username: &str) -> Result<UserKeys, Error> {
+        let path = format!("/v1/users/{username}/keys");
+        json(self.request(Method::GET, &path, Some(token))).await
+    }
+
+    pub async fn group_keys(&self, token: &str, id: u64) -> Result<GroupKeys, Error> {
+        let path = format!("/v1/groups/{id}/keys");
+        json(self.request(Method::GET, &path, Some(token))).await
+    }
+
+    pub async fn claim_keys(&self, token: &str, devices: &[u64]) -> Result<ClaimResponse, Error> {
+        let body = ClaimRequest {
+            devices: devices.to_vec(),
+        };
+        json(send_json(
+            self.request(Method::POST, "/v1/keys/claim", Some(token)),
+            &body,
+        ))
+        .await
     }
 }
 

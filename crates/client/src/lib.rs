@@ -102,6 +102,7 @@ mod config;
 mod connection;
 mod content;
 mod directory;
+mod e2ee;
 mod error;
 mod events;
 mod group_event;
@@ -115,6 +116,7 @@ mod types;
 pub use client::Client;
 pub use config::ClientConfig;
 pub use content::{UNSUPPORTED, describe as describe_media, human_size, sanitize_file_name};
+pub use e2ee::{ONE_TIME_KEY_TARGET, SafetyNumber};
 pub use error::Error;
 pub use events::{EVENT_CAPACITY, EventStream};
 pub use group_event::{GroupAction, GroupChange, GroupUser};
@@ -126,6 +128,6 @@ pub use tern_proto::http::{
     PrivacySettings, Role, Visibility,
 };
 pub use types::{
-    CloseReason, ConnectionState, Event, ReceiptEvent, ReceiptKind, SentMessage, Session,
-    StoredMessage, Tick,
+    CloseReason, ConnectionState, DecryptionFailed, Event, KeysChanged, ReceiptEvent, ReceiptKind,
+    SentMessage, Session, StoredMessage, Tick,
 };

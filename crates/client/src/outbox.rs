@@ -12,9 +12,10 @@
 //! connection comes up (after a crash, a `close`, a timed-out caller) is delivered again by
 //! the outbox watcher started in `connect`.
 //!
-//! Group messages (`send_group_text`) take the same path without device addressing: the
-//! server fans the one body out to every member device, so `devices` is always empty and
-//! `device_mismatch` cannot legitimately happen (it is treated as a refusal).
+//! Every attempt encrypts the body afresh for the devices known then (`e2ee.rs`): per device
+//! with Olm for a direct message, once with Megolm for a group (addressed to exactly every
+//! member device, so the server can tell me when my view is stale). There is no plaintext
+//! path.
 
 use tern_proto::ErrorCode;
 use tern_proto::content::Content;
@@ -24,7 +25,6 @@ use tokio::sync::oneshot;
 use crate::backoff::Backoff;
 use crate::client::{Client, lock, normalize_username};
 use crate::connection::{Answer, Command};
-use crate::directory::{self, addressed};
 use crate::error::Error;
 use crate::media::Recipient;
 use crate::store::{Conv, OutboxItem, SavedSession};
@@ -119,7 +119,12 @@ impl Client {
 
     /// Refuses a body over the server's limit, before anything is stored.
     pub(crate) fn check_body_len(&self, len: usize) -> Result<(), Error> {
-        let max = self.inner.status.borrow().max_body_bytes;
+        let max = self
+            .inner
+            .status
+            .borrow()
+            .max_body_bytes
+            .saturating_sub(crate::e2ee::ENCRYPTION_OVERHEAD);
         if len > max {
             return Err(Error::Invalid(format!(
                 "message is {len} bytes; the limit is {max}"
@@ -182,7 +187,8 @@ impl Client {
         Ok(())
     }
 
-    /// The retry loop of one message.
+    /// The retry loop of one message. Encrypted at every attempt, for the devices the
+    /// directory lists then (`e2ee.rs`); the server makes the retries idempotent.
     async fn deliver(
         &self,
         session: &SavedSession,
@@ -193,36 +199,50 @@ impl Client {
             self.inner.config.reconnect_max,
         );
         let mut mismatches = 0u32;
+        let mut rotate = false;
         loop {
             self.wait_connected().await?;
-            let devices = match self.addressed_devices(session, item).await {
-                Ok(d) => d,
+            let encrypted = match item.conv {
+                Conv::Direct(peer) => self
+                    .encrypt_direct(session, item, peer)
+                    .await
+                    .map(|devices| (Vec::new(), devices)),
+                Conv::Group(group) => self.encrypt_for_group(session, item, group, rotate).await,
+            };
+            let (body, devices) = match encrypted {
+                Ok(e) => e,
+                Err(e) if e.code() == Some(ErrorCode::DeviceMismatch) => {
+                    // A key share found a user's devices changed.
+                    self.forget_devices(session, item.conv);
+                    mismatches += 1;
+                    if mismatches > MISMATCH_FREE_RETRIES {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    continue;
+                }
                 Err(e) if e.is_transient() => {
-                    tracing::debug!(error = %e, "device lists unavailable; retrying");
+                    tracing::debug!(error = %e, "cannot encrypt yet; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
                 Err(e) => return Err(self.fail(session, item, e).await),
             };
+            rotate = false;
             let send = frames::Send {
                 client_msg_id: item.client_msg_id.clone(),
                 to: Some(item.conv.to_peer()),
-                body: item.body.clone(),
-                devices: devices
-                    .into_iter()
-                    .map(|device_id| frames::DeviceBody {
-                        device_id,
-                        body: None,
-                    })
-                    .collect(),
+                body,
+                devices,
             };
             match self.request(client_frame::Kind::Send(send)).await {
                 Ok(Answer::Sent(s)) => return self.record_sent(session, item, s).await,
                 Ok(Answer::Error(e)) => {
                     let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
-                    if let (ErrorCode::DeviceMismatch, Conv::Direct(peer)) = (code, item.conv) {
+                    if code == ErrorCode::DeviceMismatch {
                         tracing::debug!(missing = ?e.missing_devices, extra = ?e.extra_devices, "device mismatch");
-                        lock(&self.inner.directory).invalidate(peer);
+                        self.forget_devices(session, item.conv);
+                        // Devices went away: the group session must not reach them any more.
+                        rotate = item.conv.group().is_some() && !e.extra_devices.is_empty();
                         mismatches += 1;
                         if mismatches > MISMATCH_FREE_RETRIES {
                             tokio::time::sleep(backoff.next_delay()).await;
@@ -242,6 +262,19 @@ impl Client {
                 }
                 // Connection lost before the answer: wait for the next one and resend.
                 Err(_) => {}
+            }
+        }
+    }
+
+    /// Drops the cached device lists a mismatch showed stale.
+    fn forget_devices(&self, session: &SavedSession, conv: Conv) {
+        let mut d = lock(&self.inner.directory);
+        match conv {
+            Conv::Direct(peer) => d.invalidate(peer, session.user_id),
+            // Any member's list may be the stale one.
+            Conv::Group(g) => {
+                d.invalidate_group(g);
+                d.clear();
             }
         }
     }
@@ -286,38 +319,6 @@ impl Client {
         err
     }
 
-    /// The devices to address for `item`, from the cache or fetched. None for a group: the
-    /// server fans group messages out itself.
-    async fn addressed_devices(
-        &self,
-        session: &SavedSession,
-        item: &OutboxItem,
-    ) -> Result<Vec<u64>, Error> {
-        let peer_user = match item.conv {
-            Conv::Direct(peer) => peer,
-            Conv::Group(_) => return Ok(Vec::new()),
-        };
-        let cached = lock(&self.inner.directory).cached(peer_user);
-        let (recipient, own) = match cached {
-            Some(lists) => lists,
-            None => {
-                let (user_id, recipient, own) =
-                    directory::fetch(&self.inner.http, &session.token, &item.conv_name).await?;
-                if user_id != peer_user {
-                    return Err(Error::server(
-                        ErrorCode::NotFound,
-                        format!("{} is another user now", item.conv_name),
-                    ));
-                }
-                let mut d = lock(&self.inner.directory);
-                d.put_user(user_id, recipient.clone());
-                d.put_own(own.clone());
-                (recipient, own)
-            }
-        };
-        Ok(addressed(&recipient, &own, session.device_id))
-    }
-
     /// The user id of `username`: from the local store, else from the server (which also
     /// fills the device cache).
     async fn resolve_peer(&self, session: &SavedSession, username: &str) -> Result<u64, Error> {
@@ -325,13 +326,9 @@ impl Client {
         if let Some(id) = self.inner.store.run(move |s| s.peer_id(&name)).await? {
             return Ok(id);
         }
-        let r = self
-            .inner
-            .http
-            .user_devices(&session.token, username)
-            .await?;
-        lock(&self.inner.directory).put_user(r.user_id, r.devices);
-        let (id, name) = (r.user_id, r.username);
+        let r = self.inner.http.user_keys(&session.token, username).await?;
+        let (id, name) = (r.user_id, r.username.clone());
+        lock(&self.inner.directory).put_user(r);
         self.inner
             .store
             .run(move |s| s.remember_peer(id, &name))
@@ -341,7 +338,7 @@ impl Client {
 
     /// Sends one request on the current connection and waits for its answer.
     /// `Err(NotConnected)` means the connection went away first: wait and retry.
-    async fn request(&self, kind: client_frame::Kind) -> Result<Answer, Error> {
+    pub(crate) async fn request(&self, kind: client_frame::Kind) -> Result<Answer, Error> {
         let commands = {
             let conn = self.inner.conn.lock().await;
             conn.as_ref()

@@ -108,6 +108,9 @@ pub struct StoredMessage {
     pub sent_at_ms: Option<i64>,
     /// For outgoing messages, the ticks; `None` for incoming ones.
     pub status: Option<Tick>,
+    /// Why this received message could not be decrypted (its `text` then says so too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undecryptable: Option<String>,
 }
 
 impl StoredMessage {
@@ -253,6 +256,31 @@ pub enum Event {
     Lagged(u64),
     /// Something went wrong that the SDK handles itself (reported for visibility only).
     Error(String),
+    /// A contact's (or my own account's) device keys changed since last seen: a device was
+    /// added, removed or replaced. Apps show a warning; loudly if `was_verified`.
+    KeysChanged(KeysChanged),
+    /// A received message could not be decrypted. It is in the history with
+    /// [`StoredMessage::undecryptable`] set; the SDK starts a new session with the sender.
+    DecryptionFailed(DecryptionFailed),
+}
+
+/// See [`Event::KeysChanged`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeysChanged {
+    pub user_id: u64,
+    pub username: String,
+    /// The user had been verified (safety number compared) with the old keys; the mark is
+    /// gone now.
+    pub was_verified: bool,
+}
+
+/// See [`Event::DecryptionFailed`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DecryptionFailed {
+    pub conversation: String,
+    pub seq: u64,
+    pub from: String,
+    pub reason: String,
 }
 
 #[cfg(test)]

@@ -81,6 +81,22 @@ pub async fn devices(
     Ok(())
 }
 
+/// `tern verify USER [--confirm]`.
+pub async fn verify(
+    client: &Client,
+    out: &Printer,
+    user: &str,
+    confirm: bool,
+) -> anyhow::Result<()> {
+    let s = if confirm {
+        client.mark_verified(user).await?
+    } else {
+        client.safety_number(user).await?
+    };
+    out.safety_number(&s);
+    Ok(())
+}
+
 pub async fn last_seen(client: &Client, out: &Printer, user: &str) -> anyhow::Result<()> {
     let l = client.last_seen(user).await?;
     out.last_seen(&l);

@@ -29,6 +29,14 @@ pub async fn run(cli: Cli, out: &Printer) -> anyhow::Result<()> {
         Command::Whoami => account::whoami(&client, out),
         Command::Devices { action } => account::devices(&client, out, action).await,
         Command::LastSeen { user } => account::last_seen(&client, out, &user).await,
+        Command::Verify { user, confirm } => {
+            bounded(
+                timeout,
+                "fetching keys",
+                account::verify(&client, out, &user, confirm),
+            )
+            .await
+        }
         Command::Privacy { setting } => account::privacy(&client, out, setting).await,
         Command::Send { first, text, group } => {
             let (target, text) = match (group, text) {
@@ -190,6 +198,7 @@ fn open(cli: &Cli) -> anyhow::Result<Client> {
     };
     let mut config = ClientConfig::new(cli.server.clone(), home.clone());
     config.device_name = cli.device_name.clone();
+    config.passphrase = cli.passphrase.clone();
     Client::open(config).with_context(|| format!("cannot open the profile in {}", home.display()))
 }
 

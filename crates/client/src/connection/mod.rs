@@ -90,6 +90,10 @@ pub(crate) struct Ctx {
     pub store: LocalStore,
     pub events: broadcast::Sender<Event>,
     pub status: watch::Sender<Status>,
+    /// To fetch the keys of senders not seen before.
+    pub http: crate::http::Http,
+    /// Told when a pre-key message used up a one-time key.
+    pub keys_wanted: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Ctx {

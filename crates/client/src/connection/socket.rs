@@ -288,6 +288,38 @@ impl Conn<'_> {
     /// Stores a batch durably, emits what is new, then acknowledges it.
     async fn store_and_ack(&mut self, batch: Vec<frames::Event>) -> Result<(), Outcome> {
         let me = self.ctx.user_id;
+        // Messages are attributed to their sending device by its identity keys: learn the
+        // keys of senders not seen before (a failure to is reported per message).
+        let senders = {
+            let b = batch.clone();
+            self.ctx.store.run(move |s| s.unknown_senders(&b)).await
+        };
+        match senders {
+            Ok(s) if !s.is_empty() => {
+                match crate::Client::learn_senders(
+                    &self.ctx.http,
+                    &self.ctx.store,
+                    &self.ctx.token,
+                    s,
+                )
+                .await
+                {
+                    Ok(changes) => {
+                        for (c, username) in changes {
+                            self.ctx.emit(Event::KeysChanged(crate::types::KeysChanged {
+                                user_id: c.user_id,
+                                username,
+                                was_verified: c.was_verified,
+                            }));
+                        }
+                    }
+                    // Not acknowledged: the server keeps the events for the next connection.
+                    Err(e) => return Err(lost(format!("sender keys: {e}"))),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return Err(lost(format!("local store: {e}"))),
+        }
         let applied = match self
             .ctx
             .store
@@ -303,6 +335,9 @@ impl Conn<'_> {
                 return Err(lost(format!("local store: {e}")));
             }
         };
+        if applied.one_time_key_used {
+            self.ctx.keys_wanted.notify_one();
+        }
         for event in applied.events {
             self.ctx.emit(event);
         }

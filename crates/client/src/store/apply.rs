@@ -12,10 +12,11 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use tern_proto::frames::{self, event};
 
 use super::{
-    Applied, Conv, LocalStore, query, raise_watermarks, set_meta, upsert_group, upsert_peer,
+    Applied, Conv, Decrypted, Decryptor, LocalStore, crypto, query, raise_watermarks, set_meta,
+    upsert_group, upsert_peer,
 };
 use crate::error::Error;
-use crate::types::{Event, ReceiptEvent, ReceiptKind, StoredMessage};
+use crate::types::{DecryptionFailed, Event, ReceiptEvent, ReceiptKind, StoredMessage};
 
 impl LocalStore {
     /// Stores a batch of mailbox events in one transaction. Messages already stored (same
@@ -24,12 +25,26 @@ impl LocalStore {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let mut applied = Applied::default();
+        let mut dec = Decryptor::new(&self.key);
         for ev in batch {
             applied.ack_up_to = applied.ack_up_to.max(ev.mailbox_seq);
             let out = match &ev.kind {
-                Some(event::Kind::Message(m)) => {
-                    apply_message(&tx, me, m)?.map(|m| Event::Message(Box::new(m)))
-                }
+                Some(event::Kind::Message(m)) => match apply_message(&tx, &mut dec, me, m)? {
+                    Some(stored) => {
+                        if let Some(why) = &stored.undecryptable {
+                            applied
+                                .events
+                                .push(Event::DecryptionFailed(DecryptionFailed {
+                                    conversation: stored.conversation.clone(),
+                                    seq: m.seq,
+                                    from: stored.from.clone(),
+                                    reason: why.clone(),
+                                }));
+                        }
+                        Some(Event::Message(Box::new(stored)))
+                    }
+                    None => None,
+                },
                 Some(event::Kind::Receipt(r)) => apply_receipt(&tx, me, r)?.map(Event::Receipt),
                 None => {
                     tracing::warn!(
@@ -50,6 +65,8 @@ impl LocalStore {
             .optional()?
             .unwrap_or(0);
         set_meta(&tx, "mailbox_cursor", cursor.max(applied.ack_up_to))?;
+        applied.one_time_key_used = dec.one_time_key_used;
+        dec.finish(&tx)?;
         tx.commit()?;
         Ok(applied)
     }
@@ -57,9 +74,10 @@ impl LocalStore {
 
 fn apply_message(
     tx: &Transaction<'_>,
+    dec: &mut Decryptor<'_>,
     me: u64,
     m: &frames::Message,
-) -> rusqlite::Result<Option<StoredMessage>> {
+) -> Result<Option<StoredMessage>, Error> {
     let Some(conv) = Conv::from_peer(m.conversation.as_ref()) else {
         tracing::warn!(seq = m.seq, "message without a conversation, skipped");
         return Ok(None);
@@ -83,11 +101,49 @@ fn apply_message(
             .filter(|n| !n.is_empty())
             .unwrap_or(&m.group_name),
     };
+    // Already stored (a redelivery): decrypting again would fail, the ratchet has moved on.
+    let known: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE conv_kind = ?1 AND conv_id = ?2 AND seq = ?3)
+                 OR EXISTS (SELECT 1 FROM hidden_seqs WHERE conv_kind = ?1 AND conv_id = ?2 AND seq = ?3)",
+        )?
+        .query_row(params![conv.kind(), conv.id(), m.seq], |r| r.get(0))?;
+    if known {
+        return Ok(None);
+    }
+    let (body, undecryptable) = if system {
+        if let (Some(c), Conv::Group(g)) = (&change, conv)
+            && matches!(
+                frames::GroupAction::try_from(c.action),
+                Ok(frames::GroupAction::Removed | frames::GroupAction::Left)
+            )
+        {
+            // Whoever left must not read what I send next: a new group session.
+            crypto::discard_outbound_group(tx, g)?;
+        }
+        (m.body.clone(), None)
+    } else {
+        match dec.decrypt(tx, conv, m) {
+            Decrypted::Content(b) => (b, None),
+            Decrypted::Hidden => {
+                tx.execute(
+                    "INSERT OR IGNORE INTO hidden_seqs (conv_kind, conv_id, seq) VALUES (?1, ?2, ?3)",
+                    params![conv.kind(), conv.id(), m.seq],
+                )?;
+                upsert_peer(tx, m.sender_user, &m.sender_username)?;
+                return Ok(None);
+            }
+            Decrypted::Failed(why) => {
+                tracing::warn!(seq = m.seq, sender_device = m.sender_device, reason = %why, "cannot decrypt a message");
+                (Vec::new(), Some(why))
+            }
+        }
+    };
     let inserted = tx.execute(
         "INSERT OR IGNORE INTO messages (conv_kind, conv_id, conv_name, seq, sender_user,
              sender_username, sender_device, outgoing, system, client_msg_id, body,
-             server_ts_ms, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+             server_ts_ms, created_ms, undecryptable)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
         params![
             conv.kind(),
             conv.id(),
@@ -100,8 +156,9 @@ fn apply_message(
             m.sender_user == me && !system,
             system,
             m.client_msg_id,
-            m.body,
-            m.server_ts_ms
+            body,
+            m.server_ts_ms,
+            undecryptable
         ],
     )?;
     if inserted == 0 {
@@ -118,7 +175,7 @@ fn apply_message(
             upsert_peer(tx, u.user_id, &u.username)?;
         }
     }
-    query::message_by_rowid(tx, id).map(Some)
+    Ok(Some(query::message_by_rowid(tx, id)?))
 }
 
 fn apply_receipt(

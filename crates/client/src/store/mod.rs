@@ -18,12 +18,15 @@
 //! - `uploads.rs`: files being sent, so that an interrupted send resumes.
 
 mod apply;
+pub(crate) mod crypto;
+mod e2ee;
 mod query;
 mod schema;
 #[cfg(test)]
 mod tests;
 mod uploads;
 
+pub(crate) use e2ee::{Decrypted, Decryptor};
 pub(crate) use query::ConvName;
 pub(crate) use uploads::{PendingUpload, SourceKey};
 
@@ -35,6 +38,36 @@ use tern_proto::frames::{self, peer};
 
 use crate::error::Error;
 use crate::types::{Event, SentMessage, StoredMessage};
+use tern_crypto::pickle::PickleKey;
+
+/// Reads `home/store.key`, creating it (32 random bytes, readable by the owner only) if missing.
+fn key_file(home: &Path) -> Result<PickleKey, Error> {
+    let path = home.join(KEY_FILE);
+    let io = |e: std::io::Error| Error::Store(format!("key file {}: {e}", path.display()));
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(PickleKey::from_bytes(&bytes)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = PickleKey::generate();
+            let tmp = home.join(format!("{KEY_FILE}.tmp"));
+            {
+                use std::io::Write as _;
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    opts.mode(0o600);
+                }
+                let mut f = opts.open(&tmp).map_err(io)?;
+                f.write_all(key.as_bytes()).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
 
 /// A conversation, as the local store keys it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,16 +169,65 @@ pub(crate) struct Applied {
     pub events: Vec<Event>,
     /// Highest mailbox_seq in the batch: what to acknowledge.
     pub ack_up_to: u64,
+    /// A pre-key message used one of my one-time keys: publish more.
+    pub one_time_key_used: bool,
 }
 
 /// Handle to the profile database; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct LocalStore {
     conn: Arc<Mutex<Connection>>,
+    /// Encrypts the end-to-end encryption state at rest (`crypto.rs`).
+    key: Arc<PickleKey>,
 }
 
+/// The name of the key file that protects a profile's keys when no passphrase is set.
+pub(crate) const KEY_FILE: &str = "store.key";
+
 impl LocalStore {
-    /// Opens (creating if needed) `home/state.db` and brings its schema up to date.
+    /// Opens (creating if needed) `home/state.db` and brings its schema up to date. The
+    /// encryption state is protected with `passphrase` (argon2id, with a salt kept in the
+    /// database) or, without one, with a random key in `home/store.key` (created, mode 0600).
+    /// A wrong passphrase or key file is refused here, before anything else happens.
+    pub fn open_protected(home: &Path, passphrase: Option<&str>) -> Result<LocalStore, Error> {
+        let mut store = LocalStore::open(home)?;
+        if let Some(p) = passphrase {
+            let salt = {
+                let conn = store.lock();
+                match crypto::meta_blob(&conn, "kdf_salt")? {
+                    Some(s) => s,
+                    None => {
+                        if crypto::load_account(&conn, &store.key).is_ok_and(|a| a.is_some()) {
+                            return Err(Error::Crypto(
+                                "this profile is protected by its key file, not a passphrase"
+                                    .into(),
+                            ));
+                        }
+                        let s = PickleKey::new_salt().to_vec();
+                        crypto::set_meta_blob(&conn, "kdf_salt", &s)?;
+                        s
+                    }
+                }
+            };
+            store.key = Arc::new(PickleKey::from_passphrase(p, &salt)?);
+        }
+        let conn = store.lock();
+        if crypto::meta_blob(&conn, "kdf_salt")?.is_some() && passphrase.is_none() {
+            return Err(Error::Crypto(
+                "this profile is protected by a passphrase; give it (TERN_PASSPHRASE)".into(),
+            ));
+        }
+        if let Err(e) = crypto::load_account(&conn, &store.key) {
+            return Err(Error::Crypto(format!(
+                "cannot open the profile's keys (wrong passphrase or key file?): {e}"
+            )));
+        }
+        drop(conn);
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) `home/state.db` with the key file, and brings its schema up
+    /// to date.
     pub fn open(home: &Path) -> Result<LocalStore, Error> {
         std::fs::create_dir_all(home)
             .map_err(|e| Error::Store(format!("cannot create {}: {e}", home.display())))?;
@@ -159,6 +241,7 @@ impl LocalStore {
         schema::migrate(&mut conn)?;
         Ok(LocalStore {
             conn: Arc::new(Mutex::new(conn)),
+            key: Arc::new(key_file(home)?),
         })
     }
 

@@ -21,7 +21,7 @@ use crate::types::{StoredMessage, Tick};
 const SELECT_MESSAGE: &str = "SELECT m.conv_kind, m.conv_id, m.conv_name, m.seq,
     m.sender_username, m.sender_user, m.outgoing, m.client_msg_id, m.body, m.server_ts_ms,
     m.failed IS NOT NULL, COALESCE(w.delivered_up_to, 0), COALESCE(w.read_up_to, 0), m.system,
-    g.name
+    g.name, m.undecryptable
     FROM messages m
     LEFT JOIN watermarks w ON w.conv_kind = m.conv_kind AND w.conv_id = m.conv_id
     LEFT JOIN groups g ON m.conv_kind = 1 AND g.group_id = m.conv_id";
@@ -152,9 +152,11 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
     let change = system.then(|| {
         GroupChange::decode(&body).unwrap_or_else(|| GroupChange::unknown(sender_user, &from))
     });
-    let text = match &change {
-        Some(c) => c.describe(),
-        None => content::render(&body),
+    let undecryptable: Option<String> = r.get(15)?;
+    let text = match (&change, &undecryptable) {
+        (Some(c), _) => c.describe(),
+        (None, Some(why)) => format!("[could not decrypt this message: {why}]"),
+        (None, None) => content::render(&body),
     };
     let (peer_user, group_name) = match conv {
         Conv::Direct(p) => (p, None),
@@ -180,5 +182,6 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
         body,
         sent_at_ms: r.get(9)?,
         status,
+        undecryptable,
     })
 }

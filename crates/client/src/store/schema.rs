@@ -149,6 +149,95 @@ pub(super) const MIGRATIONS: &[&str] = &[
         UNIQUE (source_path, source_size, source_mtime_ns)
     );
     "#,
+    // 4: end-to-end encryption (PROTOCOL.md §9). Every secret is a vodozemac pickle encrypted
+    // with the profile's pickle key (a passphrase through argon2id, or home/store.key); the
+    // other columns are public keys and ids.
+    r#"
+    -- Small binary values: 'kdf_salt' (passphrase profiles), 'published' (identity published).
+    CREATE TABLE crypto_meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+    -- This device's Olm account.
+    CREATE TABLE crypto_account (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        user_id   INTEGER NOT NULL,
+        device_id INTEGER NOT NULL,
+        pickle    TEXT    NOT NULL
+    );
+    -- Identity keys of other devices (and my own other devices) as last listed by the server,
+    -- each checked against its self-signature.
+    CREATE TABLE device_keys (
+        user_id    INTEGER NOT NULL,
+        device_id  INTEGER NOT NULL,
+        curve25519 TEXT    NOT NULL,
+        ed25519    TEXT    NOT NULL,
+        signature  TEXT    NOT NULL,
+        PRIMARY KEY (user_id, device_id)
+    );
+    -- Users whose device keys I have seen (trust on first use) and, once compared, verified:
+    -- the sorted Ed25519 keys at that time. A change of keys is reported; a verified user whose
+    -- keys change is no longer verified.
+    CREATE TABLE key_trust (
+        user_id       INTEGER PRIMARY KEY,
+        seen_keys     TEXT NOT NULL,
+        verified_keys TEXT
+    );
+    -- Olm sessions with other devices, by the peer device's Curve25519 key.
+    CREATE TABLE olm_sessions (
+        session_id   TEXT PRIMARY KEY,
+        user_id      INTEGER NOT NULL,
+        device_id    INTEGER NOT NULL,
+        sender_key   TEXT    NOT NULL,
+        pickle       TEXT    NOT NULL,
+        last_used_ms INTEGER NOT NULL
+    );
+    CREATE INDEX olm_sessions_key ON olm_sessions (sender_key, last_used_ms);
+    -- Devices whose message I could not decrypt: the next message to them starts a new session.
+    CREATE TABLE olm_wedged (device_id INTEGER PRIMARY KEY);
+    -- My outbound Megolm session per group, and the devices it has been shared with.
+    CREATE TABLE megolm_outbound (
+        group_id   INTEGER PRIMARY KEY,
+        session_id TEXT    NOT NULL,
+        pickle     TEXT    NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE megolm_shared (
+        group_id   INTEGER NOT NULL,
+        session_id TEXT    NOT NULL,
+        device_id  INTEGER NOT NULL,
+        PRIMARY KEY (group_id, session_id, device_id)
+    );
+    -- Inbound Megolm sessions, bound to the group and sending device they were received for.
+    CREATE TABLE megolm_inbound (
+        sender_key    TEXT    NOT NULL,
+        session_id    TEXT    NOT NULL,
+        group_id      INTEGER NOT NULL,
+        sender_user   INTEGER NOT NULL,
+        sender_device INTEGER NOT NULL,
+        pickle        TEXT    NOT NULL,
+        PRIMARY KEY (sender_key, session_id)
+    );
+    -- Message indexes decrypted per inbound session, with the seq they came with: the same
+    -- index again under another seq is a replay.
+    CREATE TABLE megolm_seen (
+        session_id TEXT    NOT NULL,
+        idx        INTEGER NOT NULL,
+        conv_id    INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        PRIMARY KEY (session_id, idx)
+    );
+    -- Messages received but not shown (key shares, and fillers for devices that already had
+    -- the key), so that a redelivery is recognised.
+    CREATE TABLE hidden_seqs (
+        conv_kind INTEGER NOT NULL,
+        conv_id   INTEGER NOT NULL,
+        seq       INTEGER NOT NULL,
+        PRIMARY KEY (conv_kind, conv_id, seq)
+    );
+    -- Why a received message could not be decrypted (its body is then empty).
+    ALTER TABLE messages ADD COLUMN undecryptable TEXT;
+    "#,
 ];
 
 /// Runs after migration `i`'s SQL, in its transaction: data changes SQL cannot express.
