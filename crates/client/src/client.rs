@@ -49,7 +49,7 @@ pub(crate) struct Inner {
     pub events: broadcast::Sender<Event>,
     pub status: watch::Sender<Status>,
     pub conn: tokio::sync::Mutex<Option<ConnHandle>>,
-    pub directory: Mutex<Directory>,
+    pub directory: Arc<Mutex<Directory>>,
     /// client_msg_ids being delivered right now, so the outbox flush skips them.
     pub in_flight: Mutex<HashSet<String>>,
     /// Media uploads and downloads: their HTTP client, and the files in transfer.
@@ -94,7 +94,7 @@ impl Client {
                 events,
                 status,
                 conn: tokio::sync::Mutex::new(None),
-                directory: Mutex::new(Directory::default()),
+                directory: Arc::new(Mutex::new(Directory::default())),
                 in_flight: Mutex::new(HashSet::new()),
                 media_http,
                 media_busy: Busy::default(),
@@ -187,6 +187,7 @@ impl Client {
                 status: self.inner.status.clone(),
                 http: self.inner.http.clone(),
                 keys_wanted: self.inner.keys_wanted.clone(),
+                directory: self.inner.directory.clone(),
             };
             ctx.set_state(ConnectionState::Connecting);
             let task = tokio::spawn(connection::run(ctx, cmd_rx, shutdown_rx, first_tx));

@@ -94,6 +94,8 @@ pub(crate) struct Ctx {
     pub http: crate::http::Http,
     /// Told when a pre-key message used up a one-time key.
     pub keys_wanted: std::sync::Arc<tokio::sync::Notify>,
+    /// Cached device lists: a group's membership change makes its list stale.
+    pub directory: std::sync::Arc<std::sync::Mutex<crate::directory::Directory>>,
 }
 
 impl Ctx {

@@ -339,6 +339,11 @@ impl Conn<'_> {
             self.ctx.keys_wanted.notify_one();
         }
         for event in applied.events {
+            if let Event::Message(m) = &event
+                && let (Some(_), Some(g)) = (&m.system, m.group)
+            {
+                crate::client::lock(&self.ctx.directory).invalidate_group(g);
+            }
             self.ctx.emit(event);
         }
         let id = self.take_id();

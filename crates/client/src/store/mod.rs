@@ -190,14 +190,23 @@ impl LocalStore {
     /// database) or, without one, with a random key in `home/store.key` (created, mode 0600).
     /// A wrong passphrase or key file is refused here, before anything else happens.
     pub fn open_protected(home: &Path, passphrase: Option<&str>) -> Result<LocalStore, Error> {
-        let mut store = LocalStore::open(home)?;
+        let mut store = match passphrase {
+            // The key is derived below; nothing is encrypted with this placeholder.
+            Some(_) => LocalStore::open_with(home, PickleKey::generate())?,
+            None => LocalStore::open(home)?,
+        };
         if let Some(p) = passphrase {
             let salt = {
                 let conn = store.lock();
                 match crypto::meta_blob(&conn, "kdf_salt")? {
                     Some(s) => s,
                     None => {
-                        if crypto::load_account(&conn, &store.key).is_ok_and(|a| a.is_some()) {
+                        let has_account: bool = conn.query_row(
+                            "SELECT EXISTS (SELECT 1 FROM crypto_account)",
+                            [],
+                            |r| r.get(0),
+                        )?;
+                        if has_account {
                             return Err(Error::Crypto(
                                 "this profile is protected by its key file, not a passphrase"
                                     .into(),
@@ -231,6 +240,13 @@ impl LocalStore {
     pub fn open(home: &Path) -> Result<LocalStore, Error> {
         std::fs::create_dir_all(home)
             .map_err(|e| Error::Store(format!("cannot create {}: {e}", home.display())))?;
+        let key = key_file(home)?;
+        LocalStore::open_with(home, key)
+    }
+
+    fn open_with(home: &Path, key: PickleKey) -> Result<LocalStore, Error> {
+        std::fs::create_dir_all(home)
+            .map_err(|e| Error::Store(format!("cannot create {}: {e}", home.display())))?;
         let mut conn = Connection::open(home.join("state.db"))?;
         // WAL + synchronous=FULL: a committed batch survives a crash of the process or the
         // machine, which is what lets us acknowledge it to the server.
@@ -241,7 +257,7 @@ impl LocalStore {
         schema::migrate(&mut conn)?;
         Ok(LocalStore {
             conn: Arc::new(Mutex::new(conn)),
-            key: Arc::new(key_file(home)?),
+            key: Arc::new(key),
         })
     }
 

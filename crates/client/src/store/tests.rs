@@ -5,6 +5,7 @@ use tern_proto::frames::{self, event};
 use super::*;
 use crate::types::Tick;
 
+mod e2ee;
 mod groups;
 mod migration;
 mod uploads;

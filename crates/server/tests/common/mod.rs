@@ -369,10 +369,20 @@ pub struct Ternd {
 
 /// Starts `ternd serve` on a free port and reads the bound address from its log.
 pub fn spawn_ternd(data_dir: &std::path::Path) -> Ternd {
+    spawn_ternd_logging(data_dir, "info", None)
+}
+
+/// Like [`spawn_ternd`], at log level `level`, copying every log line to `log` if given.
+pub fn spawn_ternd_logging(
+    data_dir: &std::path::Path,
+    level: &str,
+    log: Option<&std::path::Path>,
+) -> Ternd {
+    let mut log = log.map(|p| std::fs::File::create(p).expect("log file"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
-        .env("TERN_LOG", "info")
+        .env("TERN_LOG", level)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -384,6 +394,10 @@ pub fn spawn_ternd(data_dir: &std::path::Path) -> Ternd {
         let mut sent = false;
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            if let Some(f) = log.as_mut() {
+                use std::io::Write as _;
+                let _ = writeln!(f, "{line}");
+            }
             if !sent && let Some(rest) = line.split("addr=").nth(1) {
                 let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
                 let _ = tx.send(addr);
