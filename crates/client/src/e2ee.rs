@@ -91,11 +91,8 @@ impl Client {
     fn report(&self, changes: Vec<KeyChange>, names: &HashMap<u64, String>) {
         for c in changes {
             let username = names.get(&c.user_id).cloned().unwrap_or_default();
-            if c.was_verified {
-                tracing::warn!(user_id = c.user_id, %username, "a VERIFIED contact's keys changed");
-            } else {
-                tracing::info!(user_id = c.user_id, %username, "a contact's keys changed");
-            }
+            // Apps warn the user (Event::KeysChanged); the log only records it.
+            tracing::info!(user_id = c.user_id, %username, was_verified = c.was_verified, "a contact's keys changed");
             let _ = self.inner.events.send(Event::KeysChanged(KeysChanged {
                 user_id: c.user_id,
                 username,

@@ -39,6 +39,7 @@ pub async fn send_file(
         Conversation::User(u) => Recipient::User(u),
         Conversation::Group(id) => Recipient::Group(id),
     };
+    let mut events = client.events();
     let bar = out.bar();
     let result = maybe_bounded(limit, "sending the file (run it again to resume)", async {
         bounded(super::DEFAULT_TIMEOUT, "connecting", async {
@@ -52,6 +53,7 @@ pub async fn send_file(
     .await;
     bar.finish();
     client.close().await;
+    super::messaging::key_warnings(&mut events, out);
     let sent = result?;
     let media = client
         .sent_message(&sent.client_msg_id)?

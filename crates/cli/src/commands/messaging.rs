@@ -23,6 +23,7 @@ pub async fn send(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let conversation = target.resolve(client, timeout).await?;
+    let mut events = client.events();
     let result = bounded(
         timeout,
         "waiting for the server's tick (the message stays in the outbox)",
@@ -36,8 +37,19 @@ pub async fn send(
     )
     .await;
     client.close().await;
+    key_warnings(&mut events, out);
     out.sent(&result?);
     Ok(())
+}
+
+/// Prints the key-change warnings a command ran into (the recipient's devices changed since
+/// they were last seen; loudly if they were verified).
+pub(super) fn key_warnings(events: &mut tern_client::EventStream, out: &Printer) {
+    while let Some(e) = events.try_next() {
+        if let Event::KeysChanged(k) = e {
+            out.keys_changed(&k);
+        }
+    }
 }
 
 pub async fn sync(client: &Client, out: &Printer, timeout: Duration) -> anyhow::Result<()> {
