@@ -235,22 +235,40 @@ impl Client {
         };
         let mut targets = self.record(members).await?;
         targets.retain(|t| t.device_id != session.device_id);
-        let t = targets.clone();
-        let plan = self
-            .inner
-            .store
-            .run(move |s| s.plan_group(group_id, &t, rotate, RotationPolicy::default()))
-            .await?;
-        if !plan.needy.is_empty() {
-            self.share_room_key(session, group_id, &plan.session_id, &plan.needy, &targets)
+        // A membership event applied meanwhile may replace the session between these steps:
+        // then plan again (a few times at most; it is a race with a rare event).
+        let mut attempts = 0;
+        let body = loop {
+            attempts += 1;
+            let t = targets.clone();
+            let plan = self
+                .inner
+                .store
+                .run(move |s| s.plan_group(group_id, &t, rotate, RotationPolicy::default()))
                 .await?;
-        }
-        let sid = plan.session_id.clone();
-        let body = self
-            .inner
-            .store
-            .run(move |s| s.encrypt_group(group_id, &sid, content))
-            .await?;
+            if !plan.needy.is_empty()
+                && !self
+                    .share_room_key(session, group_id, &plan.session_id, &plan.needy, &targets)
+                    .await?
+            {
+                continue;
+            }
+            let (sid, c) = (plan.session_id.clone(), content.clone());
+            if let Some(body) = self
+                .inner
+                .store
+                .run(move |s| s.encrypt_group(group_id, &sid, c))
+                .await?
+            {
+                break body;
+            }
+            if attempts >= 3 {
+                return Err(Error::server(
+                    ErrorCode::Unavailable,
+                    "the group session keeps changing; retrying later",
+                ));
+            }
+        };
         let devices = targets
             .iter()
             .map(|t| frames::DeviceBody {
@@ -264,6 +282,7 @@ impl Client {
     /// Sends the group session key to `needy` devices: one hidden direct message per member
     /// (addressing all its devices and my other ones, as direct messages must; devices that do
     /// not need the key get an empty filler). Devices without published keys are skipped.
+    /// `false` if the session was replaced meanwhile (nothing was sent).
     async fn share_room_key(
         &self,
         session: &SavedSession,
@@ -271,20 +290,23 @@ impl Client {
         session_id: &str,
         needy: &[u64],
         targets: &[Target],
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let sid = session_id.to_owned();
-        let room_key = self
+        let Some(room_key) = self
             .inner
             .store
             .run(move |s| s.room_key(group_id, &sid))
-            .await?;
+            .await?
+        else {
+            return Ok(false);
+        };
         let needy: BTreeSet<u64> = targets
             .iter()
             .filter(|t| t.device.is_some() && needy.contains(&t.device_id))
             .map(|t| t.device_id)
             .collect();
         if needy.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let with_keys: Vec<Target> = targets
             .iter()
@@ -343,7 +365,7 @@ impl Client {
                 .run(move |s| s.mark_shared(group_id, &sid, &for_key))
                 .await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Sends a message that is not part of the visible history (a key share) until `Sent`.

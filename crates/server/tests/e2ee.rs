@@ -259,6 +259,32 @@ async fn groups_rotate_when_a_member_goes_and_late_devices_read_only_what_follow
     );
     assert!(!has_session(&d, &session_of(&b2, g, g6)));
     assert!(has_session(&d, &session_of(&b2, g, g5)));
+
+    // Bob removes his second device: the next group message is in a session it never gets.
+    let b2_device = b2.client.session().expect("session").device_id;
+    b1.client
+        .remove_device(b2_device)
+        .await
+        .expect("remove device");
+    a1.client.send_group_text(g, "g7").await.expect("g7");
+    let mut t = next_message(&mut eb1).await;
+    while t.text != "g7" {
+        t = next_message(&mut eb1).await;
+    }
+    assert_eq!(t.undecryptable, None);
+    let g7 = t.seq.expect("seq");
+    assert_ne!(session_of(&b1, g, g7), session_of(&b1, g, g4_seq(&b1, g)));
+    assert!(!has_session(&b2, &session_of(&b1, g, g7)));
+}
+
+fn g4_seq(d: &Device, g: u64) -> u64 {
+    d.client
+        .group_history(g, 50)
+        .expect("history")
+        .iter()
+        .find(|m| m.text == "g4")
+        .and_then(|m| m.seq)
+        .expect("g4")
 }
 
 fn state(d: &Device) -> rusqlite::Connection {

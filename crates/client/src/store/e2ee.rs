@@ -408,17 +408,16 @@ impl LocalStore {
         Ok(GroupPlan { session_id, needy })
     }
 
-    /// The key of my current outbound session for a group, as a room key to share.
-    pub fn room_key(&self, group_id: u64, session_id: &str) -> Result<RoomKey, Error> {
+    /// The key of my current outbound session for a group, as a room key to share; `None` if
+    /// that session has just been replaced (a member left meanwhile).
+    pub fn room_key(&self, group_id: u64, session_id: &str) -> Result<Option<RoomKey>, Error> {
         let conn = self.lock();
-        let s = c::outbound_group(&conn, &self.key, group_id)?
-            .filter(|s| s.id() == session_id)
-            .ok_or_else(|| Error::Crypto("the group session changed; retry".into()))?;
-        Ok(RoomKey {
+        let s = c::outbound_group(&conn, &self.key, group_id)?.filter(|s| s.id() == session_id);
+        Ok(s.map(|s| RoomKey {
             group_id,
             session_id: s.id(),
             session_key: s.session_key(),
-        })
+        }))
     }
 
     pub fn mark_shared(
@@ -431,21 +430,23 @@ impl LocalStore {
         c::mark_shared(&conn, group_id, session_id, devices)
     }
 
-    /// Encrypts a group message with the current outbound session (which must be `session_id`,
-    /// the one whose key was shared).
+    /// Encrypts a group message with the current outbound session, which must be
+    /// `session_id` (the one whose key was shared); `None` if it has just been replaced.
     pub fn encrypt_group(
         &self,
         group_id: u64,
         session_id: &str,
         content: Content,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<Option<Vec<u8>>, Error> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let account = c::account(&tx, &self.key)?;
         let (me, my_device) = account.ids();
-        let mut s = c::outbound_group(&tx, &self.key, group_id)?
-            .filter(|s| s.id() == session_id)
-            .ok_or_else(|| Error::Crypto("the group session changed; retry".into()))?;
+        let Some(mut s) =
+            c::outbound_group(&tx, &self.key, group_id)?.filter(|s| s.id() == session_id)
+        else {
+            return Ok(None);
+        };
         let payload = GroupPayload {
             group_id,
             sender_user: me,
@@ -455,15 +456,17 @@ impl LocalStore {
         let ciphertext = s.encrypt(&payload.encode_to_vec());
         c::save_outbound_group(&tx, &self.key, group_id, &s)?;
         tx.commit()?;
-        Ok(Envelope {
-            version: CURRENT_ENVELOPE_VERSION,
-            kind: Some(envelope::Kind::Megolm(MegolmEnvelope {
-                sender_key: account.curve25519(),
-                session_id: s.id(),
-                ciphertext,
-            })),
-        }
-        .encode_to_vec())
+        Ok(Some(
+            Envelope {
+                version: CURRENT_ENVELOPE_VERSION,
+                kind: Some(envelope::Kind::Megolm(MegolmEnvelope {
+                    sender_key: account.curve25519(),
+                    session_id: s.id(),
+                    ciphertext,
+                })),
+            }
+            .encode_to_vec(),
+        ))
     }
 
     // ---- the account and its published keys ----------------------------------------------

@@ -216,7 +216,11 @@ fn group_messages_out_of_order_and_a_replay() {
         .plan_group(GROUP, &t, false, Default::default())
         .expect("plan");
     assert_eq!(plan.needy, [BOB_DEV]);
-    let room_key = alice.store.room_key(GROUP, &plan.session_id).expect("key");
+    let room_key = alice
+        .store
+        .room_key(GROUP, &plan.session_id)
+        .expect("key")
+        .expect("current session");
     let mut claimed = Claimed::new();
     claimed.insert(BOB_DEV, bob.otks[1].clone());
     let share = alice
@@ -238,6 +242,7 @@ fn group_messages_out_of_order_and_a_replay() {
                 .store
                 .encrypt_group(GROUP, &plan.session_id, Content::text(format!("g{i}")))
                 .expect("encrypt")
+                .expect("current session")
         })
         .collect();
     let again = alice
@@ -283,6 +288,14 @@ fn group_messages_out_of_order_and_a_replay() {
         .expect("plan");
     assert_ne!(rotated.session_id, plan.session_id);
     assert_eq!(rotated.needy, [BOB_DEV]);
+    // Encrypting with the replaced session is refused (the caller plans again).
+    assert_eq!(
+        alice
+            .store
+            .encrypt_group(GROUP, &plan.session_id, Content::text("late"))
+            .expect("encrypt"),
+        None
+    );
 }
 
 #[test]
