@@ -273,8 +273,18 @@ pub(crate) fn save_olm_session(
         s.pickle(key),
         now_ms
     ])?;
+    // Bounded: the sessions used least recently with this device go.
+    c.prepare_cached(
+        "DELETE FROM olm_sessions WHERE sender_key = ?1 AND session_id NOT IN (
+             SELECT session_id FROM olm_sessions WHERE sender_key = ?1
+             ORDER BY last_used_ms DESC, rowid DESC LIMIT ?2)",
+    )?
+    .execute(params![device.curve25519(), MAX_OLM_SESSIONS_PER_DEVICE])?;
     Ok(())
 }
+
+/// Olm sessions kept per peer device (new ones come from decryption failures and races).
+const MAX_OLM_SESSIONS_PER_DEVICE: i64 = 8;
 
 /// The session to encrypt for `device` with, unless a decryption failure asked for a new one.
 pub(crate) fn outbound_olm(
