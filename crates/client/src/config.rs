@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// How to reach the server and where to keep local state.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Base URL of the server's HTTP API, e.g. `http://127.0.0.1:7070`. The WebSocket URL is
     /// derived from it (`ws://127.0.0.1:7070/v1/ws`).
@@ -24,6 +24,20 @@ pub struct ClientConfig {
     /// a random key in `home/store.key` does; a profile keeps the protection it was created
     /// with.
     pub passphrase: Option<String>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("server", &self.server)
+            .field("home", &self.home)
+            .field("device_name", &self.device_name)
+            .field("reconnect_initial", &self.reconnect_initial)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("request_timeout", &self.request_timeout)
+            .field("passphrase", &self.passphrase.as_ref().map(|_| "<secret>"))
+            .finish()
+    }
 }
 
 impl ClientConfig {

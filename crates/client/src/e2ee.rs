@@ -157,6 +157,9 @@ impl Client {
         let mut claimed = Claimed::new();
         for chunk in need.chunks(tern_proto::Limits::default().max_key_claims) {
             let r = self.inner.http.claim_keys(&session.token, chunk).await?;
+            for d in chunk {
+                claimed.asked(*d);
+            }
             for k in r.keys {
                 if !chunk.contains(&k.device_id) {
                     continue;
@@ -189,6 +192,7 @@ impl Client {
     ) -> Result<Vec<frames::DeviceBody>, Error> {
         let content = Content::decode_body(&item.body)
             .map_err(|e| Error::Invalid(format!("outbox body: {e}")))?;
+        self.ensure_account(session).await?;
         let peer = self.user_keys(session, &item.conv_name).await?;
         if peer.user_id != peer_user {
             return Err(Error::server(
@@ -203,14 +207,22 @@ impl Client {
         let mut targets = self.record(lists).await?;
         targets.retain(|t| t.device_id != session.device_id);
         let claimed = self.claim_for(session, &targets).await?;
-        self.inner
+        let (bodies, _) = self
+            .inner
             .store
             .run(move |s| {
-                s.encrypt_olm(&targets, &claimed, |_| {
+                s.encrypt_olm(&targets, &claimed, peer_user, |_| {
                     Some(olm_payload::Body::Content(content.clone()))
                 })
             })
-            .await
+            .await?;
+        Ok(bodies)
+    }
+
+    /// A profile opened before its keys were set up (an upgrade) gets them now.
+    async fn ensure_account(&self, session: &SavedSession) -> Result<(), Error> {
+        let (u, d) = (session.user_id, session.device_id);
+        self.inner.store.run(move |s| s.ensure_account(u, d)).await
     }
 
     /// The shared body and the addressed devices of a group message; shares the session key
@@ -220,11 +232,19 @@ impl Client {
         session: &SavedSession,
         item: &OutboxItem,
         group_id: u64,
-        rotate: bool,
+        mut rotate: bool,
     ) -> Result<(Vec<u8>, Vec<frames::DeviceBody>), Error> {
         let content = Content::decode_body(&item.body)
             .map_err(|e| Error::Invalid(format!("outbox body: {e}")))?;
-        let cached = lock(&self.inner.directory).group(group_id);
+        self.ensure_account(session).await?;
+        let cached = lock(&self.inner.directory)
+            .group(group_id)
+            // Nobody else in a cached list: make sure with a fresh one (an empty `devices` is
+            // not checked by the server).
+            .filter(|m| {
+                m.iter()
+                    .any(|u| u.devices.len() > usize::from(u.user_id == session.user_id))
+            });
         let members = match cached {
             Some(m) => m,
             None => {
@@ -240,12 +260,19 @@ impl Client {
         let mut attempts = 0;
         let body = loop {
             attempts += 1;
+            if attempts > 3 {
+                return Err(Error::server(
+                    ErrorCode::Unavailable,
+                    "the group session keeps changing; retrying later",
+                ));
+            }
             let t = targets.clone();
             let plan = self
                 .inner
                 .store
                 .run(move |s| s.plan_group(group_id, &t, rotate, RotationPolicy::default()))
                 .await?;
+            rotate = false;
             if !plan.needy.is_empty()
                 && !self
                     .share_room_key(session, group_id, &plan.session_id, &plan.needy, &targets)
@@ -261,12 +288,6 @@ impl Client {
                 .await?
             {
                 break body;
-            }
-            if attempts >= 3 {
-                return Err(Error::server(
-                    ErrorCode::Unavailable,
-                    "the group session keeps changing; retrying later",
-                ));
             }
         };
         let devices = targets
@@ -342,16 +363,21 @@ impl Client {
                 .map(|t| t.device_id)
                 .collect();
             let (rk, fk, cl) = (room_key.clone(), for_key.clone(), claimed.clone());
-            let bodies = self
+            let (bodies, encrypted) = self
                 .inner
                 .store
                 .run(move |s| {
-                    s.encrypt_olm(&addressed, &cl, |t| {
+                    s.encrypt_olm(&addressed, &cl, user, |t| {
                         fk.contains(&t.device_id)
                             .then(|| olm_payload::Body::RoomKey(rk.clone()))
                     })
                 })
                 .await?;
+            // Only devices that really got the key count as shared.
+            let for_key: Vec<u64> = for_key
+                .into_iter()
+                .filter(|d| encrypted.contains(d))
+                .collect();
             let send = frames::Send {
                 client_msg_id: new_client_msg_id(),
                 to: Some(frames::Peer::user(user)),

@@ -66,6 +66,10 @@ pub struct OlmPayload {
     /// The recipient device's Ed25519 identity key, as the sender saw it.
     #[prost(string, tag = "5")]
     pub recipient_ed25519: String,
+    /// The user the message was sent to (`Send.to`): with the sender, it names the direct
+    /// conversation, so that a copy cannot be filed under another one.
+    #[prost(uint64, tag = "6")]
+    pub to_user: u64,
     #[prost(oneof = "olm_payload::Body", tags = "10, 11")]
     pub body: Option<olm_payload::Body>,
 }
@@ -142,6 +146,7 @@ mod tests {
             recipient_user: 3,
             recipient_device: 4,
             recipient_ed25519: "ed".into(),
+            to_user: 3,
             body: Some(olm_payload::Body::RoomKey(RoomKey {
                 group_id: 9,
                 session_id: "s".into(),

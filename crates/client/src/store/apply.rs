@@ -123,7 +123,7 @@ fn apply_message(
         }
         (m.body.clone(), None)
     } else {
-        match dec.decrypt(tx, conv, m) {
+        match dec.decrypt(tx, conv, m)? {
             Decrypted::Content(b) => (b, None),
             Decrypted::Hidden => {
                 tx.execute(

@@ -153,16 +153,22 @@ pub(crate) fn record_devices(
              ON CONFLICT (user_id) DO UPDATE SET seen_keys = excluded.seen_keys",
             params![user_id, now],
         )?;
-        c.execute("DELETE FROM device_keys WHERE user_id = ?1", [user_id])?;
-        let mut insert = c.prepare_cached(
-            "INSERT INTO device_keys (user_id, device_id, curve25519, ed25519, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+        // Devices no longer listed stay known for decryption only.
+        c.execute(
+            "UPDATE device_keys SET current = 0 WHERE user_id = ?1",
+            [user_id],
+        )?;
+        let mut upsert = c.prepare_cached(
+            "INSERT INTO device_keys (user_id, device_id, curve25519, ed25519, signature, current)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1)
+             ON CONFLICT (user_id, device_id) DO UPDATE SET curve25519 = excluded.curve25519,
+                 ed25519 = excluded.ed25519, signature = excluded.signature, current = 1",
         )?;
         for d in devices {
             if let Some(i) = &d.identity
                 && verified.iter().any(|v| v.device_id == d.device_id)
             {
-                insert.execute(params![
+                upsert.execute(params![
                     user_id,
                     d.device_id,
                     i.curve25519,
@@ -175,7 +181,7 @@ pub(crate) fn record_devices(
     Ok((targets, change))
 }
 
-/// A device's verified identity as last recorded.
+/// A device's verified identity as last recorded (also for a device since removed).
 pub(crate) fn known_device(
     c: &Connection,
     user_id: u64,
@@ -203,8 +209,9 @@ pub(crate) fn known_device(
 
 /// The Ed25519 keys of a user's devices as last recorded, and whether they are verified.
 pub(crate) fn user_keys(c: &Connection, user_id: u64) -> Result<(Vec<String>, bool), Error> {
-    let mut stmt =
-        c.prepare("SELECT ed25519 FROM device_keys WHERE user_id = ?1 ORDER BY device_id")?;
+    let mut stmt = c.prepare(
+        "SELECT ed25519 FROM device_keys WHERE user_id = ?1 AND current = 1 ORDER BY device_id",
+    )?;
     let keys = stmt
         .query_map([user_id], |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()?;
@@ -303,6 +310,21 @@ pub(crate) fn outbound_olm(
     Ok(olm_sessions(c, key, &device.curve25519())?
         .into_iter()
         .next())
+}
+
+pub(crate) fn inbound_created(c: &Connection, session_id: &str) -> Result<bool, Error> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM olm_inbound_created WHERE session_id = ?1")?
+            .query_row([session_id], |_| Ok(true))
+            .optional()?
+            .unwrap_or(false),
+    )
+}
+
+pub(crate) fn note_inbound_created(c: &Connection, session_id: &str) -> Result<(), Error> {
+    c.prepare_cached("INSERT OR IGNORE INTO olm_inbound_created (session_id) VALUES (?1)")?
+        .execute([session_id])?;
+    Ok(())
 }
 
 pub(crate) fn set_wedged(c: &Connection, device_id: u64, wedged: bool) -> Result<(), Error> {
@@ -517,5 +539,33 @@ pub(crate) fn need_sessions(
     Ok(out)
 }
 
-/// Index of claimed keys by device.
-pub(crate) type Claimed = HashMap<u64, tern_crypto::olm::PublicKey>;
+/// Keys claimed for devices without a session, and which devices were asked for (a device
+/// asked for that got no key has none left to give).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Claimed {
+    keys: HashMap<u64, tern_crypto::olm::PublicKey>,
+    asked: std::collections::HashSet<u64>,
+}
+
+impl Claimed {
+    pub fn new() -> Claimed {
+        Claimed::default()
+    }
+
+    pub fn asked(&mut self, device_id: u64) {
+        self.asked.insert(device_id);
+    }
+
+    pub fn insert(&mut self, device_id: u64, key: tern_crypto::olm::PublicKey) {
+        self.asked.insert(device_id);
+        self.keys.insert(device_id, key);
+    }
+
+    pub fn get(&self, device_id: u64) -> Option<&tern_crypto::olm::PublicKey> {
+        self.keys.get(&device_id)
+    }
+
+    pub fn was_asked(&self, device_id: u64) -> bool {
+        self.asked.contains(&device_id)
+    }
+}

@@ -86,15 +86,22 @@ impl<'k> Decryptor<'k> {
     }
 
     /// Decrypts the body of `m` (a user message in `conv`). Crypto state changes are written
-    /// to `conn` (the caller's transaction).
-    pub fn decrypt(&mut self, conn: &Connection, conv: Conv, m: &frames::Message) -> Decrypted {
+    /// to `conn` (the caller's transaction). A failure of the local store is an error (the
+    /// batch is not stored, so not acknowledged, and comes again); anything wrong with the
+    /// message itself is [`Decrypted::Failed`].
+    pub fn decrypt(
+        &mut self,
+        conn: &Connection,
+        conv: Conv,
+        m: &frames::Message,
+    ) -> Result<Decrypted, Error> {
         if m.body.is_empty() {
-            return Decrypted::Hidden;
+            return Ok(Decrypted::Hidden);
         }
         match self.try_decrypt(conn, conv, m) {
-            Ok(d) => d,
-            Err(Error::Store(e)) => Decrypted::Failed(format!("local store: {e}")),
-            Err(e) => Decrypted::Failed(e.to_string()),
+            Ok(d) => Ok(d),
+            Err(Error::Store(e)) => Err(Error::Store(e)),
+            Err(e) => Ok(Decrypted::Failed(e.to_string())),
         }
     }
 
@@ -164,8 +171,22 @@ impl<'k> Decryptor<'k> {
         }
         match payload.body {
             Some(olm_payload::Body::Content(content)) => {
-                if !matches!(conv, Conv::Direct(_)) {
+                // The conversation the server files it under must be the one the sender
+                // wrote to: with the recipient, or (a copy of mine) the one I wrote to.
+                let Conv::Direct(peer) = conv else {
                     return Err(Error::Crypto("a direct payload in a group".into()));
+                };
+                let intended = if m.sender_user == my_user {
+                    payload.to_user
+                } else if payload.to_user == my_user {
+                    m.sender_user
+                } else {
+                    return Err(Error::Crypto("a message to someone else".into()));
+                };
+                if peer != intended {
+                    return Err(Error::Crypto(
+                        "the message is filed under another conversation".into(),
+                    ));
                 }
                 Ok(Decrypted::Content(content.encode_body()))
             }
@@ -208,10 +229,19 @@ impl<'k> Decryptor<'k> {
         if !ct.is_pre_key() {
             return Err(Error::Crypto("no Olm session decrypts this message".into()));
         }
+        // A pre-key message of a session I already made (still kept or not) that the session
+        // does not decrypt is a replay or a duplicate: never start that session again (a
+        // fallback key would let it).
+        if let Some(id) = &pre_key_id
+            && c::inbound_created(conn, id)?
+        {
+            return Err(Error::Crypto("a replayed pre-key message".into()));
+        }
         let account = self.account(conn)?;
         let (session, plaintext) = account.inbound_session(sender, ct)?;
         self.account_dirty = true;
         self.one_time_key_used = true;
+        c::note_inbound_created(conn, &session.id())?;
         c::save_olm_session(conn, key, sender, &session, now)?;
         // A working session from this device again.
         c::set_wedged(conn, sender.device_id, false)?;
@@ -295,13 +325,15 @@ impl LocalStore {
 
     /// Encrypts one Olm payload per target (`body(target)`; `None` gives an empty filler
     /// body), creating sessions from `claimed` keys where needed; all session state is saved in
-    /// one transaction before the bodies are returned.
+    /// one transaction before the bodies are returned, with the devices that got a ciphertext
+    /// (the others got a filler or, having no keys, an envelope without ciphertext).
     pub fn encrypt_olm(
         &self,
         targets: &[Target],
         claimed: &Claimed,
+        to_user: u64,
         body: impl Fn(&Target) -> Option<olm_payload::Body>,
-    ) -> Result<Vec<frames::DeviceBody>, Error> {
+    ) -> Result<(Vec<frames::DeviceBody>, Vec<u64>), Error> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let account = c::account(&tx, &self.key)?;
@@ -309,6 +341,7 @@ impl LocalStore {
         let my_curve = account.curve25519();
         let now = now_ms();
         let mut out = Vec::with_capacity(targets.len());
+        let mut encrypted = Vec::new();
         for t in targets {
             let Some(inner) = body(t) else {
                 out.push(frames::DeviceBody {
@@ -321,7 +354,15 @@ impl LocalStore {
                 None => None,
                 Some(d) => match c::outbound_olm(&tx, &self.key, d)? {
                     Some(s) => Some((d, s)),
-                    None => match claimed.get(&t.device_id) {
+                    // The session went away since the caller looked (a decryption failure
+                    // asked for a new one): claim a key and encrypt again.
+                    None if !claimed.was_asked(t.device_id) => {
+                        return Err(Error::server(
+                            tern_proto::ErrorCode::Unavailable,
+                            "a session to renew; retrying",
+                        ));
+                    }
+                    None => match claimed.get(t.device_id) {
                         Some(k) => match account.outbound_session(d, k) {
                             Ok(s) => {
                                 c::set_wedged(&tx, d.device_id, false)?;
@@ -354,6 +395,7 @@ impl LocalStore {
                 recipient_user: t.user_id,
                 recipient_device: t.device_id,
                 recipient_ed25519: d.ed25519(),
+                to_user,
                 body: Some(inner),
             };
             let ct = session.encrypt(&payload.encode_to_vec())?;
@@ -370,9 +412,10 @@ impl LocalStore {
                 device_id: t.device_id,
                 body: Some(env.encode_to_vec()),
             });
+            encrypted.push(t.device_id);
         }
         tx.commit()?;
-        Ok(out)
+        Ok((out, encrypted))
     }
 
     /// My outbound session for a group, rotated if the policy or `rotate` says so; and which
@@ -388,8 +431,16 @@ impl LocalStore {
         let tx = conn.transaction()?;
         let now = now_ms();
         let current = c::outbound_group(&tx, &self.key, group_id)?;
+        // A device that has the key but is not a target any more (removed, or its user left)
+        // must not read what comes next.
+        let departed = match &current {
+            Some(s) => c::shared_with(&tx, group_id, &s.id())?
+                .iter()
+                .any(|d| !targets.iter().any(|t| t.device_id == *d)),
+            None => false,
+        };
         let session = match current {
-            Some(s) if !rotate && !s.must_rotate(now, policy) => s,
+            Some(s) if !rotate && !departed && !s.must_rotate(now, policy) => s,
             _ => {
                 c::discard_outbound_group(&tx, group_id)?;
                 let s = OutboundGroup::new(now);
@@ -481,7 +532,7 @@ impl LocalStore {
             tx.execute_batch(
                 "DELETE FROM olm_sessions; DELETE FROM olm_wedged; DELETE FROM megolm_outbound;
                  DELETE FROM megolm_shared; DELETE FROM megolm_inbound; DELETE FROM megolm_seen;
-                 DELETE FROM crypto_meta WHERE key = 'published';",
+                 DELETE FROM olm_inbound_created; DELETE FROM crypto_meta WHERE key = 'published';",
             )?;
             c::save_account(&tx, &self.key, &Account::new(user_id, device_id))?;
         }

@@ -48,7 +48,10 @@ fn key_file(home: &Path) -> Result<PickleKey, Error> {
         Ok(bytes) => Ok(PickleKey::from_bytes(&bytes)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = PickleKey::generate();
-            let tmp = home.join(format!("{KEY_FILE}.tmp"));
+            let tmp = home.join(format!(
+                "{KEY_FILE}.{}.tmp",
+                hex::encode(rand::random::<[u8; 8]>())
+            ));
             {
                 use std::io::Write as _;
                 let mut opts = std::fs::OpenOptions::new();
@@ -62,8 +65,16 @@ fn key_file(home: &Path) -> Result<PickleKey, Error> {
                 f.write_all(key.as_bytes()).map_err(io)?;
                 f.sync_all().map_err(io)?;
             }
-            std::fs::rename(&tmp, &path).map_err(io)?;
-            Ok(key)
+            // Exclusive: if another process created the key file meanwhile, its key wins.
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(key),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Ok(PickleKey::from_bytes(&std::fs::read(&path).map_err(io)?)?)
+                }
+                Err(e) => Err(io(e)),
+            }
         }
         Err(e) => Err(io(e)),
     }
@@ -314,7 +325,8 @@ impl LocalStore {
         if owner.is_some_and(|o| o != s.user_id) {
             tx.execute_batch(
                 "DELETE FROM messages; DELETE FROM watermarks; DELETE FROM reader_watermarks;
-                 DELETE FROM peers; DELETE FROM groups;
+                 DELETE FROM peers; DELETE FROM groups; DELETE FROM hidden_seqs;
+                 DELETE FROM key_trust; DELETE FROM device_keys;
                  UPDATE media_uploads SET upload_url = NULL, uploaded = 0;",
             )?;
         }

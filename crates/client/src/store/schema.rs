@@ -165,14 +165,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
         device_id INTEGER NOT NULL,
         pickle    TEXT    NOT NULL
     );
-    -- Identity keys of other devices (and my own other devices) as last listed by the server,
-    -- each checked against its self-signature.
+    -- Identity keys of other devices (and my own other devices), each checked against its
+    -- self-signature. current = 0: no longer listed by the server (kept, so that what such a
+    -- device sent before it was removed can still be decrypted; never encrypted for).
     CREATE TABLE device_keys (
         user_id    INTEGER NOT NULL,
         device_id  INTEGER NOT NULL,
         curve25519 TEXT    NOT NULL,
         ed25519    TEXT    NOT NULL,
         signature  TEXT    NOT NULL,
+        current    INTEGER NOT NULL DEFAULT 1,
         PRIMARY KEY (user_id, device_id)
     );
     -- Users whose device keys I have seen (trust on first use) and, once compared, verified:
@@ -195,6 +197,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX olm_sessions_key ON olm_sessions (sender_key, last_used_ms);
     -- Devices whose message I could not decrypt: the next message to them starts a new session.
     CREATE TABLE olm_wedged (device_id INTEGER PRIMARY KEY);
+    -- Sessions ever created from a pre-key message: the same pre-key message again (a replay,
+    -- which a fallback key would otherwise accept) is refused.
+    CREATE TABLE olm_inbound_created (session_id TEXT PRIMARY KEY);
     -- My outbound Megolm session per group, and the devices it has been shared with.
     CREATE TABLE megolm_outbound (
         group_id   INTEGER PRIMARY KEY,

@@ -21,6 +21,7 @@ struct Profile {
     keys: UserKeys,
     /// One-time keys as published.
     otks: Vec<tern_crypto::olm::PublicKey>,
+    fallback: tern_crypto::olm::PublicKey,
 }
 
 fn profile(user_id: u64, username: &str, device_id: u64) -> Profile {
@@ -48,6 +49,7 @@ fn profile(user_id: u64, username: &str, device_id: u64) -> Profile {
         .expect("something to publish");
     store.mark_keys_published().expect("published");
     let id = up.identity.expect("identity");
+    let fb = up.fallback_key.expect("a fallback key");
     Profile {
         _dir: dir,
         store,
@@ -68,6 +70,11 @@ fn profile(user_id: u64, username: &str, device_id: u64) -> Profile {
                 signature: k.signature,
             })
             .collect(),
+        fallback: tern_crypto::olm::PublicKey {
+            id: fb.id,
+            key: fb.key,
+            signature: fb.signature,
+        },
     }
 }
 
@@ -99,10 +106,11 @@ fn direct(from: &Profile, to: &Profile, text: &str) -> Vec<u8> {
     let content = Content::text(text);
     let bodies = from
         .store
-        .encrypt_olm(&t, &claimed, |_| {
+        .encrypt_olm(&t, &claimed, to.keys.user_id, |_| {
             Some(olm_payload::Body::Content(content.clone()))
         })
-        .expect("encrypt");
+        .expect("encrypt")
+        .0;
     bodies[0].body.clone().expect("a body")
 }
 
@@ -186,10 +194,11 @@ fn direct_ciphertexts_out_of_order_and_duplicated() {
         claimed.insert(ALICE_DEV, alice.otks[0].clone());
         assert_eq!(bob.store.need_sessions(&t).expect("need"), [ALICE_DEV]);
         bob.store
-            .encrypt_olm(&t, &claimed, |_| {
+            .encrypt_olm(&t, &claimed, ALICE, |_| {
                 Some(olm_payload::Body::Content(c.clone()))
             })
             .expect("encrypt")
+            .0
     };
     let a = alice
         .store
@@ -225,10 +234,11 @@ fn group_messages_out_of_order_and_a_replay() {
     claimed.insert(BOB_DEV, bob.otks[1].clone());
     let share = alice
         .store
-        .encrypt_olm(&t, &claimed, |_| {
+        .encrypt_olm(&t, &claimed, BOB, |_| {
             Some(olm_payload::Body::RoomKey(room_key.clone()))
         })
-        .expect("share")[0]
+        .expect("share")
+        .0[0]
         .body
         .clone()
         .expect("body");
@@ -333,4 +343,76 @@ fn device_keys_must_verify_and_changes_are_reported() {
     let (keys, verified) = alice.store.user_keys(BOB).expect("keys");
     assert_eq!(keys.len(), 2);
     assert!(!verified, "the mark does not carry over to new keys");
+}
+
+#[test]
+fn a_replayed_pre_key_message_over_the_fallback_key_is_refused() {
+    let (alice, bob) = pair();
+    let t = targets(&alice.store, &bob.keys);
+    let mut claimed = Claimed::new();
+    claimed.insert(BOB_DEV, bob.fallback.clone());
+    let body = alice
+        .store
+        .encrypt_olm(&t, &claimed, BOB, |_| {
+            Some(olm_payload::Body::Content(Content::text(
+                "over the fallback",
+            )))
+        })
+        .expect("encrypt")
+        .0[0]
+        .body
+        .clone()
+        .expect("body");
+    let peer = frames::Peer::user(ALICE);
+    let a = bob
+        .store
+        .apply_events(BOB, &[event(1, &peer, 1, &alice, body.clone())])
+        .expect("apply");
+    assert_eq!(texts(&a), ["over the fallback"]);
+    // The fallback key is still there (it is not used up): the same pre-key message under a
+    // new seq would start the session again. It must not.
+    let a = bob
+        .store
+        .apply_events(BOB, &[event(2, &peer, 2, &alice, body)])
+        .expect("apply");
+    let t = texts(&a);
+    assert!(t[0].contains("replayed"), "{t:?}");
+}
+
+#[test]
+fn a_direct_message_filed_under_another_conversation_is_refused() {
+    let (alice, bob) = pair();
+    let body = direct(&alice, &bob, "for bob's eyes");
+    // The server files alice's message to bob as if it were in bob's chat with carol.
+    let a = bob
+        .store
+        .apply_events(BOB, &[event(1, &frames::Peer::user(3), 1, &alice, body)])
+        .expect("apply");
+    let t = texts(&a);
+    assert!(t[0].contains("another conversation"), "{t:?}");
+}
+
+#[test]
+fn a_departed_device_makes_the_group_session_rotate() {
+    let (alice, bob) = pair();
+    let t = targets(&alice.store, &bob.keys);
+    let plan = alice
+        .store
+        .plan_group(GROUP, &t, false, Default::default())
+        .expect("plan");
+    alice
+        .store
+        .mark_shared(GROUP, &plan.session_id, &[BOB_DEV])
+        .expect("shared");
+    let same = alice
+        .store
+        .plan_group(GROUP, &t, false, Default::default())
+        .expect("plan");
+    assert_eq!(same.session_id, plan.session_id);
+    // Bob's device is no longer a target (removed, or bob left): a new session.
+    let alone = alice
+        .store
+        .plan_group(GROUP, &[], false, Default::default())
+        .expect("plan");
+    assert_ne!(alone.session_id, plan.session_id);
 }
