@@ -123,15 +123,21 @@ impl Client {
         token: &str,
         senders: Vec<(u64, String)>,
     ) -> Result<Vec<(KeyChange, String)>, Error> {
+        use futures_util::StreamExt as _;
         let mut lists = Vec::new();
-        for (user_id, name) in senders {
-            match http.user_keys(token, &name).await {
+        // A few at a time: the batch waits for them before it is stored and acknowledged.
+        let mut fetches = futures_util::stream::iter(senders)
+            .map(|(user_id, name)| async move { (user_id, http.user_keys(token, &name).await) })
+            .buffer_unordered(8);
+        while let Some((user_id, r)) = fetches.next().await {
+            match r {
                 Ok(k) if k.user_id == user_id => lists.push(k),
                 Ok(_) => tracing::warn!(user_id, "sender's name now belongs to another user"),
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => tracing::warn!(user_id, error = %e, "sender's keys unavailable"),
             }
         }
+        drop(fetches);
         let names: HashMap<u64, String> = lists
             .iter()
             .map(|l| (l.user_id, l.username.clone()))
