@@ -8,7 +8,9 @@
 //!                  │  Client (cheap clone handle; async methods)       EventStream (broadcast)
 //!   ┌──────────────┼─────────────────────────────┐                          ▲
 //!   │ client.rs    │ outbox.rs (send + retry)    │── Event::Sent ───────────┤
-//!   │ accounts,    │ directory.rs (device lists) │                          │
+//!   │ accounts,    │ e2ee.rs + directory.rs      │── Event::KeysChanged ────┤
+//!   │ keys         │ (keys, device lists, Olm,   │                          │
+//!   │              │  Megolm, safety numbers)    │                          │
 //!   │ connect/close│ groups.rs (group HTTP calls)│                          │
 //!   └──────┬───────┴──────────┬──────────────────┘                          │
 //!          │ http.rs (reqwest)│ Command{frame, reply} (bounded mpsc)        │
@@ -18,7 +20,8 @@
 //!                                     │ store batch, then Ack               │
 //!                                     ▼                                     │
 //!                      store/ (SQLite, WAL): session, history, outbox, ─────┘
-//!                      watermarks, mailbox cursor; UNIQUE(conversation, seq)
+//!                      watermarks, mailbox cursor; UNIQUE(conversation, seq);
+//!                      crypto state (pickled, encrypted), decrypted in the batch
 //! ```
 //!
 //! - **Conversations** are direct (with a user, named by the peer's username) or groups (named
@@ -45,10 +48,16 @@
 //!   caller retries on the next connection.
 //! - **Sending** (`outbox` module). [`Client::send_text`] writes the message to the outbox,
 //!   then retries with the same `client_msg_id` until `Sent` (idempotent on the server),
-//!   refreshing device lists on `device_mismatch`. [`Client::send_group_text`] is the same
-//!   without device addressing (the server fans group messages out). After every `Welcome`,
-//!   a watcher re-sends whatever is left in the outbox, so a restarted client finishes what it
-//!   started.
+//!   encrypting at every attempt and refreshing device lists on `device_mismatch`.
+//!   [`Client::send_group_text`] is the same with one Megolm ciphertext for all member
+//!   devices. After every `Welcome`, a watcher tops up the device's published keys and
+//!   re-sends whatever is left in the outbox, so a restarted client finishes what it started.
+//! - **End-to-end encryption** (`e2ee` module, `store/crypto.rs`, `store/e2ee.rs`; PROTOCOL.md
+//!   §9.2): Olm per device for direct messages, Megolm per group and device, key shares over
+//!   Olm, rotation when members or devices go; decryption inside the storing transaction;
+//!   [`Event::DecryptionFailed`] and [`Event::KeysChanged`]; [`Client::safety_number`] and
+//!   [`Client::mark_verified`]. Keys at rest: `home/store.key` or
+//!   [`ClientConfig::passphrase`]. There is no plaintext path.
 //! - **Bodies** (`content` module). Every message body is a `Content` (PROTOCOL.md §8.5): a
 //!   text or a [`MediaRef`]. [`StoredMessage::text`] is always something to show (`[photo.jpg,
 //!   1.2 MB image/jpeg] caption` for a file, [`UNSUPPORTED`] for a body this SDK cannot read);
