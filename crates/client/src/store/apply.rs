@@ -221,6 +221,19 @@ fn apply_receipt(
     if !raised {
         return Ok(None);
     }
+    // Someone else's receipt that covers none of my messages (only hidden ones: group key
+    // shares) is recorded but not worth telling the app.
+    if r.reader_user != me {
+        let covers_mine: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE conv_kind = ?1 AND conv_id = ?2
+                     AND outgoing = 1 AND seq IS NOT NULL AND seq <= ?3)",
+            )?
+            .query_row(params![conv.kind(), conv.id(), up], |r| r.get(0))?;
+        if !covers_mine {
+            return Ok(None);
+        }
+    }
     Ok(Some(ReceiptEvent {
         conversation: conv.public_name(&r.peer_username),
         peer_user: match conv {

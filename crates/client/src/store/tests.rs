@@ -318,3 +318,40 @@ fn logout_fails_the_outbox_and_another_account_starts_clean() {
     assert!(store.history("bob", 10).expect("history").is_empty());
     assert_eq!(store.mailbox_cursor().expect("cursor"), 0);
 }
+
+#[test]
+fn receipts_that_cover_only_hidden_messages_are_not_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let me = session();
+    // Seq 1 was a group key share to bob (hidden): his delivered receipt says nothing to show.
+    let a = store
+        .apply_events(ME, &[receipt(1, BOB, frames::ReceiptKind::Delivered, 1)])
+        .expect("apply");
+    assert!(a.events.is_empty(), "{:?}", a.events);
+    // A message of mine at seq 2: its receipt is reported, and the tick follows.
+    store
+        .enqueue(&me, &outbox_item("c2", "hello"), 1)
+        .expect("enqueue");
+    let sent = SentMessage {
+        conversation: "bob".into(),
+        group: None,
+        client_msg_id: "c2".into(),
+        seq: 2,
+        server_ts_ms: 7,
+    };
+    store
+        .mark_sent(me.device_id, &sent, Conv::Direct(BOB))
+        .expect("mark sent");
+    let a = store
+        .apply_events(ME, &[receipt(2, BOB, frames::ReceiptKind::Delivered, 2)])
+        .expect("apply");
+    assert_eq!(a.events.len(), 1);
+    let status: Vec<_> = store
+        .sent_status(10)
+        .expect("status")
+        .iter()
+        .filter_map(|m| m.status)
+        .collect();
+    assert_eq!(status, [Tick::Delivered]);
+}
