@@ -291,8 +291,11 @@ impl Conn<'_> {
         // Messages are attributed to their sending device by its identity keys: learn the
         // keys of senders not seen before (a failure to is reported per message).
         let senders = {
-            let b = batch.clone();
-            self.ctx.store.run(move |s| s.unknown_senders(&b)).await
+            let candidates = crate::store::senders(&batch);
+            self.ctx
+                .store
+                .run(move |s| s.unknown_senders(&candidates))
+                .await
         };
         match senders {
             Ok(s) if !s.is_empty() => {

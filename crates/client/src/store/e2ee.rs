@@ -603,24 +603,43 @@ impl LocalStore {
         c::mark_verified(&conn, user_id)
     }
 
-    /// Senders in `batch` whose device keys I do not have: (user id, username).
-    pub fn unknown_senders(&self, batch: &[frames::Event]) -> Result<Vec<(u64, String)>, Error> {
+    /// Of the (user id, device id, username) senders of a batch, those whose device keys I
+    /// do not have: (user id, username), once per user.
+    pub fn unknown_senders(
+        &self,
+        senders: &[(u64, u64, String)],
+    ) -> Result<Vec<(u64, String)>, Error> {
         let conn = self.lock();
         let mut out: Vec<(u64, String)> = Vec::new();
-        for ev in batch {
-            let Some(frames::event::Kind::Message(m)) = &ev.kind else {
-                continue;
-            };
-            if m.kind == frames::MessageKind::System as i32 || m.body.is_empty() {
+        for (user, device, name) in senders {
+            if out.iter().any(|(u, _)| u == user) {
                 continue;
             }
-            if out.iter().any(|(u, _)| *u == m.sender_user) {
-                continue;
-            }
-            if c::known_device(&conn, m.sender_user, m.sender_device)?.is_none() {
-                out.push((m.sender_user, m.sender_username.clone()));
+            if c::known_device(&conn, *user, *device)?.is_none() {
+                out.push((*user, name.clone()));
             }
         }
         Ok(out)
     }
+}
+
+/// The senders of the encrypted user messages of a batch: (user id, device id, username),
+/// without repeats (the bodies stay where they are).
+pub(crate) fn senders(batch: &[frames::Event]) -> Vec<(u64, u64, String)> {
+    let mut out: Vec<(u64, u64, String)> = Vec::new();
+    for ev in batch {
+        let Some(frames::event::Kind::Message(m)) = &ev.kind else {
+            continue;
+        };
+        if m.kind == frames::MessageKind::System as i32 || m.body.is_empty() {
+            continue;
+        }
+        if !out
+            .iter()
+            .any(|(u, d, _)| *u == m.sender_user && *d == m.sender_device)
+        {
+            out.push((m.sender_user, m.sender_device, m.sender_username.clone()));
+        }
+    }
+    out
 }

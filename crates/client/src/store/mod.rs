@@ -26,7 +26,7 @@ mod schema;
 mod tests;
 mod uploads;
 
-pub(crate) use e2ee::{Decrypted, Decryptor};
+pub(crate) use e2ee::{Decrypted, Decryptor, senders};
 pub(crate) use query::ConvName;
 pub(crate) use uploads::{PendingUpload, SourceKey};
 
