@@ -222,12 +222,13 @@ fn apply_receipt(
         return Ok(None);
     }
     // Someone else's receipt that covers none of my messages (only hidden ones: group key
-    // shares) is recorded but not worth telling the app.
+    // shares) is recorded but not worth telling the app. A message still pending counts: its
+    // `Sent` may be recorded just after the receipt that covers it.
     if r.reader_user != me {
         let covers_mine: bool = tx
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM messages WHERE conv_kind = ?1 AND conv_id = ?2
-                     AND outgoing = 1 AND seq IS NOT NULL AND seq <= ?3)",
+                     AND outgoing = 1 AND (seq IS NULL OR seq <= ?3))",
             )?
             .query_row(params![conv.kind(), conv.id(), up], |r| r.get(0))?;
         if !covers_mine {
