@@ -2,7 +2,7 @@
 //! `crypto.rs`, each in one transaction with the ratchet state it advances.
 
 use prost::Message as _;
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tern_crypto::megolm::{InboundGroup, OutboundGroup, RotationPolicy};
 use tern_crypto::olm::{Account, OlmCiphertext, VerifiedDevice};
 use tern_crypto::pickle::PickleKey;
@@ -523,11 +523,22 @@ impl LocalStore {
     // ---- the account and its published keys ----------------------------------------------
 
     /// Creates this device's account if there is none (or it belongs to another device).
+    /// Called before every send: reads the ids only (no unpickling, no write) when the
+    /// account is there.
     pub fn ensure_account(&self, user_id: u64, device_id: u64) -> Result<(), Error> {
         let mut conn = self.lock();
+        let ids: Option<(u64, u64)> = conn
+            .query_row(
+                "SELECT user_id, device_id FROM crypto_account WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if ids == Some((user_id, device_id)) {
+            return Ok(());
+        }
         let tx = conn.transaction()?;
-        let existing = c::load_account(&tx, &self.key)?;
-        if existing.is_none_or(|a| a.ids() != (user_id, device_id)) {
+        {
             // A new device: everything keyed to the old one goes.
             tx.execute_batch(
                 "DELETE FROM olm_sessions; DELETE FROM olm_wedged; DELETE FROM megolm_outbound;

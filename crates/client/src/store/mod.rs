@@ -548,9 +548,11 @@ fn upsert_peer(conn: &Connection, user_id: u64, username: &str) -> rusqlite::Res
         "DELETE FROM peers WHERE username = ?1 AND user_id <> ?2",
         params![username, user_id],
     )?;
+    // No write when nothing changed (this runs for every device list a send looks at).
     conn.execute(
         "INSERT INTO peers (user_id, username) VALUES (?1, ?2)
-         ON CONFLICT (user_id) DO UPDATE SET username = excluded.username",
+         ON CONFLICT (user_id) DO UPDATE SET username = excluded.username
+         WHERE username <> excluded.username",
         params![user_id, username],
     )?;
     Ok(())
