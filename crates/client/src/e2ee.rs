@@ -33,7 +33,6 @@ use tern_proto::e2ee::olm_payload;
 use tern_proto::frames::{self, client_frame};
 use tern_proto::http::UserKeys;
 
-use crate::backoff::Backoff;
 use crate::client::{Client, lock};
 use crate::connection::Answer;
 use crate::error::Error;
@@ -403,25 +402,16 @@ impl Client {
     /// Sends a message that is not part of the visible history (a key share) until `Sent`.
     /// A `device_mismatch` is returned to the caller, which refreshes its lists.
     async fn send_hidden(&self, send: frames::Send) -> Result<(), Error> {
-        let mut backoff = Backoff::new(
-            self.inner.config.reconnect_initial,
-            self.inner.config.reconnect_max,
-        );
-        loop {
-            self.wait_connected().await?;
-            match self.request(client_frame::Kind::Send(send.clone())).await {
-                Ok(Answer::Sent(_)) => return Ok(()),
-                Ok(Answer::Error(e)) => {
-                    let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
-                    let err = Error::server(code, e.message);
-                    if !err.is_transient() {
-                        return Err(err);
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Ok(Answer::Done) => tokio::time::sleep(backoff.next_delay()).await,
-                Err(_) => {}
-            }
+        match self
+            .request_until_answered(client_frame::Kind::Send(send))
+            .await?
+        {
+            Answer::Sent(_) => Ok(()),
+            // Not an answer to a Send: the caller tries again later.
+            _ => Err(Error::server(
+                ErrorCode::Unavailable,
+                "the server answered a key share without Sent",
+            )),
         }
     }
 

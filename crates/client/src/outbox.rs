@@ -336,6 +336,35 @@ impl Client {
         Ok(id)
     }
 
+    /// Sends a request until the server answers it: across lost connections, and with
+    /// backoff after transient refusals. A refusal for good is the error; `Sent` and `Done`
+    /// are returned (`deliver` has its own loop: it must encrypt anew at every attempt).
+    pub(crate) async fn request_until_answered(
+        &self,
+        kind: client_frame::Kind,
+    ) -> Result<Answer, Error> {
+        let mut backoff = Backoff::new(
+            self.inner.config.reconnect_initial,
+            self.inner.config.reconnect_max,
+        );
+        loop {
+            self.wait_connected().await?;
+            match self.request(kind.clone()).await {
+                Ok(Answer::Error(e)) => {
+                    let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
+                    let err = Error::server(code, e.message);
+                    if !err.is_transient() {
+                        return Err(err);
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Ok(answer) => return Ok(answer),
+                // Connection lost before the answer: wait for the next one and resend.
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Sends one request on the current connection and waits for its answer.
     /// `Err(NotConnected)` means the connection went away first: wait and retry.
     pub(crate) async fn request(&self, kind: client_frame::Kind) -> Result<Answer, Error> {
@@ -376,31 +405,16 @@ impl Client {
         let Some(up_to) = latest.filter(|l| *l > read) else {
             return Ok(None);
         };
-        let mut backoff = Backoff::new(
-            self.inner.config.reconnect_initial,
-            self.inner.config.reconnect_max,
-        );
-        loop {
-            self.wait_connected().await?;
-            let read = frames::Read {
-                conversation: Some(conv.to_peer()),
-                up_to_seq: up_to,
-            };
-            match self.request(client_frame::Kind::Read(read)).await {
-                Ok(Answer::Done) => break,
-                Ok(Answer::Error(e)) => {
-                    let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
-                    let err = Error::server(code, e.message);
-                    if !err.is_transient() {
-                        return Err(err);
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Ok(Answer::Sent(_)) => {
-                    return Err(Error::Protocol("Read answered with Sent".into()));
-                }
-                Err(_) => {}
-            }
+        let read = frames::Read {
+            conversation: Some(conv.to_peer()),
+            up_to_seq: up_to,
+        };
+        match self
+            .request_until_answered(client_frame::Kind::Read(read))
+            .await?
+        {
+            Answer::Done => {}
+            _ => return Err(Error::Protocol("Read answered with Sent".into())),
         }
         self.inner
             .store
