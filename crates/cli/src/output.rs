@@ -183,25 +183,9 @@ impl Printer {
 
     pub fn sent(&self, s: &SentMessage) {
         if self.json {
-            let mut v = json!({
-                "type": "sent", "conversation": s.conversation, "seq": s.seq,
-                "client_msg_id": s.client_msg_id, "sent_at": s.server_ts_ms, "status": "sent",
-            });
-            if let Some(g) = s.group {
-                v["group"] = json!(g);
-            }
-            self.line(&v);
+            self.line(&sent_json(s));
         } else {
-            let conversation = match s.group {
-                Some(id) => format!("group {id}"),
-                None => s.conversation.clone(),
-            };
-            self.text(&format!(
-                "[{conversation} #{} {}] {}",
-                s.seq,
-                format_time(s.server_ts_ms),
-                tick_label(Tick::Sent)
-            ));
+            self.text(&sent_line(s, ""));
         }
     }
 
@@ -375,6 +359,32 @@ impl Printer {
             self.text(&format!("last seen visible to: {last_seen}"));
         }
     }
+}
+
+/// `{"type": "sent", ...}` for a message's tick (text and files alike).
+pub(crate) fn sent_json(s: &SentMessage) -> serde_json::Value {
+    let mut v = json!({
+        "type": "sent", "conversation": s.conversation, "seq": s.seq,
+        "client_msg_id": s.client_msg_id, "sent_at": s.server_ts_ms, "status": "sent",
+    });
+    if let Some(g) = s.group {
+        v["group"] = json!(g);
+    }
+    v
+}
+
+/// `[bob #4 2026-…] ✓ sent`, with `what` (e.g. a file's name and size) before the tick.
+pub(crate) fn sent_line(s: &SentMessage, what: &str) -> String {
+    let conversation = match s.group {
+        Some(id) => format!("group {id}"),
+        None => s.conversation.clone(),
+    };
+    format!(
+        "[{conversation} #{} {}]{what} {}",
+        s.seq,
+        format_time(s.server_ts_ms),
+        tick_label(Tick::Sent)
+    )
 }
 
 /// The code a script sees in `{"type":"error","code":...}`.

@@ -39,22 +39,13 @@ pub async fn run(cli: Cli, out: &Printer) -> anyhow::Result<()> {
         }
         Command::Privacy { setting } => account::privacy(&client, out, setting).await,
         Command::Send { first, text, group } => {
-            let (target, text) = match (group, text) {
-                (Some(g), None) => (Target::Group(g), first),
-                (None, Some(text)) => (Target::User(first), text),
-                (Some(_), Some(_)) => {
-                    return Err(cli_error(
-                        "invalid_input",
-                        "with --group, give only the text (quote it if it has spaces)",
-                    ));
-                }
-                (None, None) => {
-                    return Err(cli_error(
-                        "invalid_input",
-                        "give USER and TEXT, or --group GROUP and TEXT",
-                    ));
-                }
-            };
+            let (target, text) = Target::with_payload(
+                first,
+                text,
+                group,
+                "with --group, give only the text (quote it if it has spaces)",
+                "give USER and TEXT, or --group GROUP and TEXT",
+            )?;
             messaging::send(&client, out, &target, &text, timeout).await
         }
         Command::SendFile {
@@ -63,22 +54,13 @@ pub async fn run(cli: Cli, out: &Printer) -> anyhow::Result<()> {
             group,
             caption,
         } => {
-            let (target, path) = match (group, path) {
-                (Some(g), None) => (Target::Group(g), PathBuf::from(first)),
-                (None, Some(path)) => (Target::User(first), path),
-                (Some(_), Some(_)) => {
-                    return Err(cli_error(
-                        "invalid_input",
-                        "with --group, give only the file",
-                    ));
-                }
-                (None, None) => {
-                    return Err(cli_error(
-                        "invalid_input",
-                        "give USER and PATH, or --group GROUP and PATH",
-                    ));
-                }
-            };
+            let (target, path) = Target::with_payload(
+                first,
+                path,
+                group,
+                "with --group, give only the file",
+                "give USER and PATH, or --group GROUP and PATH",
+            )?;
             media::send_file(
                 &client,
                 out,
@@ -142,6 +124,23 @@ impl Target {
             (Some(u), None) => Ok(Target::User(u)),
             (None, Some(g)) => Ok(Target::Group(g)),
             _ => Err(cli_error("invalid_input", "give USER or --group GROUP")),
+        }
+    }
+
+    /// `CMD USER PAYLOAD` or `CMD --group GROUP PAYLOAD`: with `--group` the first positional
+    /// argument is the payload (a text, a file).
+    fn with_payload<T: From<String>>(
+        first: String,
+        second: Option<T>,
+        group: Option<String>,
+        both: &str,
+        neither: &str,
+    ) -> anyhow::Result<(Target, T)> {
+        match (group, second) {
+            (Some(g), None) => Ok((Target::Group(g), T::from(first))),
+            (None, Some(payload)) => Ok((Target::User(first), payload)),
+            (Some(_), Some(_)) => Err(cli_error("invalid_input", both)),
+            (None, None) => Err(cli_error("invalid_input", neither)),
         }
     }
 }

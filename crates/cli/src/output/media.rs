@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 use tern_client::{DownloadedFile, MediaRef, Phase, Progress, SentMessage, human_size};
 
-use super::{Printer, format_time, tick_label};
+use super::Printer;
 
 /// The media fields of a message for JSON output (without the key).
 pub fn media_json(m: &MediaRef) -> Value {
@@ -76,31 +76,16 @@ impl Printer {
     /// `send-file` succeeded: the message's tick and what it carries.
     pub fn file_sent(&self, s: &SentMessage, media: Option<&MediaRef>) {
         if self.json {
-            let mut v = json!({
-                "type": "sent", "conversation": s.conversation, "seq": s.seq,
-                "client_msg_id": s.client_msg_id, "sent_at": s.server_ts_ms, "status": "sent",
-            });
-            if let Some(g) = s.group {
-                v["group"] = json!(g);
-            }
+            let mut v = super::sent_json(s);
             if let Some(m) = media {
                 v["media"] = media_json(m);
             }
             self.line(&v);
         } else {
-            let conversation = match s.group {
-                Some(id) => format!("group {id}"),
-                None => s.conversation.clone(),
-            };
             let what = media.map_or_else(String::new, |m| {
                 format!(" {} ({})", m.file_name, human_size(m.size))
             });
-            self.text(&format!(
-                "[{conversation} #{} {}]{what} {}",
-                s.seq,
-                format_time(s.server_ts_ms),
-                tick_label(tern_client::Tick::Sent)
-            ));
+            self.text(&super::sent_line(s, &what));
         }
     }
 
