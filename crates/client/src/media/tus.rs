@@ -67,6 +67,15 @@ impl MediaHttp {
         self.client.request(method, url).bearer_auth(token)
     }
 
+    /// A `HEAD`: `None` if the server does not have the thing, else the checked answer.
+    async fn head(&self, rb: RequestBuilder) -> Result<Option<reqwest::Response>, Error> {
+        let resp = rb.timeout(self.timeout).send().await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Ok(Some(checked(resp).await?))
+    }
+
     fn object_url(&self, id: &str) -> String {
         format!("{}/v1/media/{id}", self.base)
     }
@@ -78,15 +87,10 @@ impl MediaHttp {
 
     /// The object's size if it exists. `id` must be validated (it goes into the path).
     pub async fn head_media(&self, token: &str, id: &str) -> Result<Option<u64>, Error> {
-        let resp = self
-            .request(Method::HEAD, &self.object_url(id), token)
-            .timeout(self.timeout)
-            .send()
-            .await?;
-        if resp.status() == StatusCode::NOT_FOUND {
+        let rb = self.request(Method::HEAD, &self.object_url(id), token);
+        let Some(resp) = self.head(rb).await? else {
             return Ok(None);
-        }
-        let resp = checked(resp).await?;
+        };
         Ok(Some(header_u64(&resp, "content-length")?))
     }
 
@@ -140,15 +144,9 @@ impl MediaHttp {
     /// Where an upload stands; `None` if the server does not know it (expired, or another
     /// account's).
     pub async fn upload_state(&self, token: &str, url: &str) -> Result<Option<UploadState>, Error> {
-        let resp = self
-            .tus(Method::HEAD, url, token)
-            .timeout(self.timeout)
-            .send()
-            .await?;
-        if resp.status() == StatusCode::NOT_FOUND {
+        let Some(resp) = self.head(self.tus(Method::HEAD, url, token)).await? else {
             return Ok(None);
-        }
-        let resp = checked(resp).await?;
+        };
         Ok(Some(UploadState {
             offset: header_u64(&resp, "upload-offset")?,
             length: header_u64(&resp, "upload-length")?,
