@@ -11,46 +11,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::TestServer;
+use common::sdk::{Device, PASSWORD, login, online, register};
 use tern_client::{Client, ClientConfig, Event, Recipient, StoredMessage};
 
-const PASSWORD: &str = "correct horse";
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Device {
-    client: Client,
-    home: tempfile::TempDir,
-}
-
-fn open_at(url: &str) -> Device {
-    let home = tempfile::tempdir().expect("home");
-    let mut config = ClientConfig::new(url, home.path());
-    config.reconnect_initial = Duration::from_millis(50);
-    config.reconnect_max = Duration::from_millis(500);
-    Device {
-        client: Client::open(config).expect("open"),
-        home,
-    }
-}
-
-async fn register_at(url: &str, name: &str) -> Device {
-    let d = open_at(url);
-    d.client.register(name, PASSWORD).await.expect("register");
-    d
-}
-
-async fn login_at(url: &str, name: &str) -> Device {
-    let d = open_at(url);
-    d.client.login(name, PASSWORD).await.expect("login");
-    d
-}
-
-async fn online(d: &Device) {
-    d.client.connect().await.expect("connect");
-    tokio::time::timeout(WAIT, d.client.wait_synced())
-        .await
-        .expect("synced in time")
-        .expect("synced");
-}
 
 /// The next message event.
 async fn next_message(events: &mut tern_client::EventStream) -> StoredMessage {
@@ -109,11 +73,11 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 async fn direct_messages_reach_every_device_and_nobody_else() {
     let srv = TestServer::start().await;
     let url = srv.url();
-    let a1 = register_at(&url, "alice").await;
-    let a2 = login_at(&url, "alice").await;
-    let b1 = register_at(&url, "bob").await;
-    let b2 = login_at(&url, "bob").await;
-    let b3 = login_at(&url, "bob").await; // stays offline for now
+    let a1 = register(&url, "alice").await;
+    let a2 = login(&url, "alice").await;
+    let b1 = register(&url, "bob").await;
+    let b2 = login(&url, "bob").await;
+    let b3 = login(&url, "bob").await; // stays offline for now
     for d in [&a1, &a2, &b1, &b2] {
         online(d).await;
     }
@@ -168,10 +132,10 @@ async fn direct_messages_reach_every_device_and_nobody_else() {
 async fn groups_rotate_when_a_member_goes_and_late_devices_read_only_what_follows() {
     let srv = TestServer::start().await;
     let url = srv.url();
-    let a1 = register_at(&url, "alice").await;
-    let a2 = login_at(&url, "alice").await;
-    let b1 = register_at(&url, "bob").await;
-    let c1 = register_at(&url, "carol").await;
+    let a1 = register(&url, "alice").await;
+    let a2 = login(&url, "alice").await;
+    let b1 = register(&url, "bob").await;
+    let c1 = register(&url, "carol").await;
     for d in [&a1, &a2, &b1, &c1] {
         online(d).await;
     }
@@ -222,7 +186,7 @@ async fn groups_rotate_when_a_member_goes_and_late_devices_read_only_what_follow
     assert!(has_session(&c1, &session_of(&b1, g, g1)));
 
     // A new device of bob's receives the key when it exists, and only what follows.
-    let b2 = login_at(&url, "bob").await;
+    let b2 = login(&url, "bob").await;
     let mut eb2 = b2.client.events();
     online(&b2).await;
     a1.client.send_group_text(g, "g4").await.expect("g4");
@@ -238,7 +202,7 @@ async fn groups_rotate_when_a_member_goes_and_late_devices_read_only_what_follow
     assert!(h.iter().all(|m| m.undecryptable.is_none()));
 
     // Carol leaving on her own is the same for bob's session.
-    let d = register_at(&url, "dave").await;
+    let d = register(&url, "dave").await;
     online(&d).await;
     let mut ed = d.client.events();
     a1.client.add_members(g, &["dave"]).await.expect("add");
@@ -317,7 +281,7 @@ async fn exhausted_one_time_keys_fall_back_and_are_replenished() {
     let srv = TestServer::start().await;
     let url = srv.url();
     let http = srv.http();
-    let b = register_at(&url, "bob").await;
+    let b = register(&url, "bob").await;
     let bob_device = b.client.session().expect("session").device_id;
     let (_, _, eve) = http.account("eve").await;
     // Eve claims every one-time key bob published; then only his fallback key is left.
@@ -334,7 +298,7 @@ async fn exhausted_one_time_keys_fall_back_and_are_replenished() {
         assert_eq!(fallback, i == tern_client::ONE_TIME_KEY_TARGET, "claim {i}");
     }
 
-    let a = register_at(&url, "alice").await;
+    let a = register(&url, "alice").await;
     online(&a).await;
     a.client
         .send_text("bob", "over the fallback key")
@@ -370,8 +334,8 @@ async fn exhausted_one_time_keys_fall_back_and_are_replenished() {
 async fn a_tampered_ciphertext_is_reported_and_the_conversation_recovers() {
     let srv = TestServer::start().await;
     let url = srv.url();
-    let a = register_at(&url, "alice").await;
-    let b = register_at(&url, "bob").await;
+    let a = register(&url, "alice").await;
+    let b = register(&url, "bob").await;
     online(&a).await;
     a.client
         .send_text("bob", "tamper with me")
@@ -435,8 +399,8 @@ async fn a_tampered_ciphertext_is_reported_and_the_conversation_recovers() {
 async fn safety_numbers_match_and_key_changes_are_flagged() {
     let srv = TestServer::start().await;
     let url = srv.url();
-    let a = register_at(&url, "alice").await;
-    let b = register_at(&url, "bob").await;
+    let a = register(&url, "alice").await;
+    let b = register(&url, "bob").await;
     online(&a).await;
     online(&b).await;
     let from_alice = a.client.safety_number("bob").await.expect("number");
@@ -459,7 +423,7 @@ async fn safety_numbers_match_and_key_changes_are_flagged() {
     // Bob adds a device: alice is warned loudly when she next writes, the mark is gone, and
     // the new number differs.
     let mut ea = a.client.events();
-    let b2 = login_at(&url, "bob").await;
+    let b2 = login(&url, "bob").await;
     online(&b2).await;
     a.client.send_text("bob", "still you?").await.expect("send");
     let change = tokio::time::timeout(WAIT, async {
@@ -528,10 +492,10 @@ async fn the_server_is_blind() {
     let log = logs.path().join("ternd.log");
     let ternd = common::spawn_ternd_logging(data.path(), "trace", Some(&log));
     let url = format!("http://{}", ternd.addr);
-    let a1 = register_at(&url, "alice").await;
-    let a2 = login_at(&url, "alice").await;
-    let b = register_at(&url, "bob").await;
-    let c = register_at(&url, "carol").await;
+    let a1 = register(&url, "alice").await;
+    let a2 = login(&url, "alice").await;
+    let b = register(&url, "bob").await;
+    let c = register(&url, "carol").await;
     for d in [&a1, &a2, &b, &c] {
         online(d).await;
     }

@@ -9,31 +9,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::TestServer;
-use tern_client::{
-    Client, ClientConfig, Error, Event, MediaError, Phase, Progress, Recipient, StoredMessage,
-};
+use common::sdk::{self, Device};
+use tern_client::{Error, Event, MediaError, Phase, Progress, Recipient, StoredMessage};
 
-const PASSWORD: &str = "correct horse";
 const WAIT: Duration = Duration::from_secs(60);
 
-struct Device {
-    client: Client,
-    home: tempfile::TempDir,
-}
-
+/// A new account's first device, online.
 async fn online(srv: &TestServer, name: &str) -> Device {
-    let home = tempfile::tempdir().expect("home");
-    let mut config = ClientConfig::new(srv.url(), home.path());
-    config.reconnect_initial = Duration::from_millis(50);
-    config.reconnect_max = Duration::from_millis(500);
-    let client = Client::open(config).expect("open");
-    client.register(name, PASSWORD).await.expect("register");
-    client.connect().await.expect("connect");
-    tokio::time::timeout(WAIT, client.wait_synced())
-        .await
-        .expect("synced in time")
-        .expect("synced");
-    Device { client, home }
+    let d = sdk::register(&srv.url(), name).await;
+    sdk::online(&d).await;
+    d
 }
 
 /// Pseudo-random bytes (incompressible, like real media).

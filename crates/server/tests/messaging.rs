@@ -7,48 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
+use common::sdk::{PASSWORD, login, online, open, register};
 use tern_client::{
     Client, ClientConfig, ConnectionState, ErrorCode, Event, ReceiptKind, Tick, Visibility,
 };
 
-const PASSWORD: &str = "correct horse";
 const WAIT: Duration = Duration::from_secs(15);
-
-struct Device {
-    client: Client,
-    _home: tempfile::TempDir,
-}
-
-fn open(srv: &TestServer) -> Device {
-    let home = tempfile::tempdir().expect("home");
-    let mut config = ClientConfig::new(srv.url(), home.path());
-    config.reconnect_initial = Duration::from_millis(50);
-    config.reconnect_max = Duration::from_millis(500);
-    Device {
-        client: Client::open(config).expect("open"),
-        _home: home,
-    }
-}
-
-async fn register(srv: &TestServer, name: &str) -> Device {
-    let d = open(srv);
-    d.client.register(name, PASSWORD).await.expect("register");
-    d
-}
-
-async fn login(srv: &TestServer, name: &str) -> Device {
-    let d = open(srv);
-    d.client.login(name, PASSWORD).await.expect("login");
-    d
-}
-
-async fn online(d: &Device) {
-    d.client.connect().await.expect("connect");
-    tokio::time::timeout(WAIT, d.client.wait_synced())
-        .await
-        .expect("synced in time")
-        .expect("synced");
-}
 
 /// Waits for the first event `f` accepts.
 async fn until<T>(
@@ -92,8 +56,8 @@ async fn watermark(events: &mut tern_client::EventStream, kind: ReceiptKind, up_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_delivery_in_order_with_ticks() {
     let srv = TestServer::start().await;
-    let alice = register(&srv, "alice").await;
-    let bob = register(&srv, "bob").await;
+    let alice = register(&srv.url(), "alice").await;
+    let bob = register(&srv.url(), "bob").await;
     online(&alice).await;
     let mut a_events = alice.client.events();
     for (i, text) in ["one", "two", "three"].iter().enumerate() {
@@ -153,10 +117,10 @@ async fn offline_delivery_in_order_with_ticks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_device_fan_out_and_sync_copies() {
     let srv = TestServer::start().await;
-    let alice1 = register(&srv, "alice").await;
-    let alice2 = login(&srv, "alice").await;
-    let bob1 = register(&srv, "bob").await;
-    let bob2 = login(&srv, "bob").await;
+    let alice1 = register(&srv.url(), "alice").await;
+    let alice2 = login(&srv.url(), "alice").await;
+    let bob1 = register(&srv.url(), "bob").await;
+    let bob2 = login(&srv.url(), "bob").await;
     let mut streams = Vec::new();
     for d in [&alice1, &alice2, &bob1, &bob2] {
         streams.push(d.client.events());
@@ -189,8 +153,8 @@ async fn multi_device_fan_out_and_sync_copies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_reach_an_offline_sender_later() {
     let srv = TestServer::start().await;
-    let alice = register(&srv, "alice").await;
-    let bob = register(&srv, "bob").await;
+    let alice = register(&srv.url(), "alice").await;
+    let bob = register(&srv.url(), "bob").await;
     online(&alice).await;
     alice
         .client
@@ -214,9 +178,9 @@ async fn receipts_reach_an_offline_sender_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_senders_share_one_order_everywhere() {
     let srv = TestServer::start().await;
-    let alice1 = register(&srv, "alice").await;
-    let alice2 = login(&srv, "alice").await;
-    let bob = register(&srv, "bob").await;
+    let alice1 = register(&srv.url(), "alice").await;
+    let alice2 = login(&srv.url(), "alice").await;
+    let bob = register(&srv.url(), "bob").await;
     for d in [&alice1, &alice2, &bob] {
         online(d).await;
     }
@@ -280,8 +244,8 @@ async fn concurrent_senders_share_one_order_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_client_keeps_its_state() {
     let srv = TestServer::start().await;
-    let alice = register(&srv, "alice").await;
-    let bob = register(&srv, "bob").await;
+    let alice = register(&srv.url(), "alice").await;
+    let bob = register(&srv.url(), "bob").await;
     online(&alice).await;
     alice
         .client
@@ -289,7 +253,7 @@ async fn a_restarted_client_keeps_its_state() {
         .await
         .expect("send");
     alice.client.close().await;
-    let home = alice._home;
+    let home = alice.home;
     let mut config = ClientConfig::new(srv.url(), home.path());
     config.reconnect_initial = Duration::from_millis(50);
     let again = Client::open(config).expect("reopen");
@@ -317,8 +281,8 @@ async fn a_restarted_client_keeps_its_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_reach_the_app_typed() {
     let srv = TestServer::start().await;
-    let alice = register(&srv, "alice").await;
-    let alice2 = login(&srv, "alice").await;
+    let alice = register(&srv.url(), "alice").await;
+    let alice2 = login(&srv.url(), "alice").await;
     online(&alice).await;
     let err = alice
         .client
@@ -326,13 +290,13 @@ async fn errors_reach_the_app_typed() {
         .await
         .expect_err("unknown recipient");
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
-    let err = open(&srv)
+    let err = open(&srv.url())
         .client
         .login("alice", "wrong horse")
         .await
         .expect_err("wrong password");
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
-    let err = open(&srv)
+    let err = open(&srv.url())
         .client
         .register("alice", PASSWORD)
         .await
@@ -356,9 +320,9 @@ async fn errors_reach_the_app_typed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_seen_follows_reciprocal_privacy() {
     let srv = TestServer::start().await;
-    let alice = register(&srv, "alice").await;
-    let bob = register(&srv, "bob").await;
-    let carol = register(&srv, "carol").await;
+    let alice = register(&srv.url(), "alice").await;
+    let bob = register(&srv.url(), "bob").await;
+    let carol = register(&srv.url(), "carol").await;
     online(&alice).await;
     online(&bob).await;
     alice
@@ -435,13 +399,13 @@ async fn last_seen_follows_reciprocal_privacy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_device_list_is_refreshed_without_user_action() {
     let srv = TestServer::start().await;
-    let alice = register(&srv, "alice").await;
-    let bob1 = register(&srv, "bob").await;
+    let alice = register(&srv.url(), "alice").await;
+    let bob1 = register(&srv.url(), "bob").await;
     online(&alice).await;
     alice.client.send_text("bob", "first").await.expect("send"); // caches bob's one device
     // Bob adds a device and alice adds one too: alice's cached lists are now stale both ways.
-    let bob2 = login(&srv, "bob").await;
-    let alice2 = login(&srv, "alice").await;
+    let bob2 = login(&srv.url(), "bob").await;
+    let alice2 = login(&srv.url(), "alice").await;
     let mut b2 = bob2.client.events();
     let mut a2 = alice2.client.events();
     online(&bob2).await;
@@ -466,9 +430,9 @@ async fn a_stale_device_list_is_refreshed_without_user_action() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_through_the_sdk() {
     let srv = TestServer::start().await;
-    let alice = register(&srv, "alice").await;
-    let bob = register(&srv, "bob").await;
-    let carol = register(&srv, "carol").await;
+    let alice = register(&srv.url(), "alice").await;
+    let bob = register(&srv.url(), "bob").await;
+    let carol = register(&srv.url(), "carol").await;
     let mut b_events = bob.client.events();
     let mut c_events = carol.client.events();
     let mut a_events = alice.client.events();

@@ -2,6 +2,8 @@
 //! HTTP and WebSocket helpers for protocol-level tests.
 #![allow(dead_code)]
 
+pub mod sdk;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
