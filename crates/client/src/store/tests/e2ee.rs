@@ -99,19 +99,40 @@ fn targets(store: &LocalStore, keys: &UserKeys) -> Vec<Target> {
         .0
 }
 
-fn direct(from: &Profile, to: &Profile, text: &str) -> Vec<u8> {
+/// `from`'s body for `to`'s one device, a session made from `key` if there is none.
+fn encrypt_to(
+    from: &Profile,
+    to: &Profile,
+    key: &tern_crypto::olm::PublicKey,
+    body: olm_payload::Body,
+) -> Vec<u8> {
     let t = targets(&from.store, &to.keys);
     let mut claimed = Claimed::new();
-    claimed.insert(t[0].device_id, to.otks[0].clone());
-    let content = Content::text(text);
-    let bodies = from
-        .store
-        .encrypt_olm(&t, &claimed, to.keys.user_id, |_| {
-            Some(olm_payload::Body::Content(content.clone()))
-        })
+    claimed.insert(t[0].device_id, key.clone());
+    from.store
+        .encrypt_olm(&t, &claimed, to.keys.user_id, |_| Some(body.clone()))
         .expect("encrypt")
-        .0;
-    bodies[0].body.clone().expect("a body")
+        .0[0]
+        .body
+        .clone()
+        .expect("a body")
+}
+
+fn direct(from: &Profile, to: &Profile, text: &str) -> Vec<u8> {
+    encrypt_to(
+        from,
+        to,
+        &to.otks[0],
+        olm_payload::Body::Content(Content::text(text)),
+    )
+}
+
+/// Alice's group session plan for `targets`.
+fn plan_for(alice: &Profile, targets: &[Target], rotate: bool) -> super::super::e2ee::GroupPlan {
+    alice
+        .store
+        .plan_group(GROUP, targets, rotate, Default::default())
+        .expect("plan")
 }
 
 fn event(mseq: u64, conv: &frames::Peer, seq: u64, from: &Profile, body: Vec<u8>) -> frames::Event {
@@ -187,31 +208,12 @@ fn direct_ciphertexts_out_of_order_and_duplicated() {
 
     // The failure made bob start a new session with alice's device for his answer (from a
     // claimed key), which alice reads.
-    let back = {
-        let t = targets(&bob.store, &alice.keys);
-        let c = Content::text("pong");
-        let mut claimed = Claimed::new();
-        claimed.insert(ALICE_DEV, alice.otks[0].clone());
-        assert_eq!(bob.store.need_sessions(&t).expect("need"), [ALICE_DEV]);
-        bob.store
-            .encrypt_olm(&t, &claimed, ALICE, |_| {
-                Some(olm_payload::Body::Content(c.clone()))
-            })
-            .expect("encrypt")
-            .0
-    };
+    let t = targets(&bob.store, &alice.keys);
+    assert_eq!(bob.store.need_sessions(&t).expect("need"), [ALICE_DEV]);
+    let back = direct(&bob, &alice, "pong");
     let a = alice
         .store
-        .apply_events(
-            ALICE,
-            &[event(
-                1,
-                &frames::Peer::user(BOB),
-                6,
-                &bob,
-                back[0].body.clone().expect("body"),
-            )],
-        )
+        .apply_events(ALICE, &[event(1, &frames::Peer::user(BOB), 6, &bob, back)])
         .expect("apply");
     assert_eq!(texts(&a), ["pong"]);
 }
@@ -220,28 +222,19 @@ fn direct_ciphertexts_out_of_order_and_duplicated() {
 fn group_messages_out_of_order_and_a_replay() {
     let (alice, bob) = pair();
     let t = targets(&alice.store, &bob.keys);
-    let plan = alice
-        .store
-        .plan_group(GROUP, &t, false, Default::default())
-        .expect("plan");
+    let plan = plan_for(&alice, &t, false);
     assert_eq!(plan.needy, [BOB_DEV]);
     let room_key = alice
         .store
         .room_key(GROUP, &plan.session_id)
         .expect("key")
         .expect("current session");
-    let mut claimed = Claimed::new();
-    claimed.insert(BOB_DEV, bob.otks[1].clone());
-    let share = alice
-        .store
-        .encrypt_olm(&t, &claimed, BOB, |_| {
-            Some(olm_payload::Body::RoomKey(room_key.clone()))
-        })
-        .expect("share")
-        .0[0]
-        .body
-        .clone()
-        .expect("body");
+    let share = encrypt_to(
+        &alice,
+        &bob,
+        &bob.otks[1],
+        olm_payload::Body::RoomKey(room_key),
+    );
     alice
         .store
         .mark_shared(GROUP, &plan.session_id, &[BOB_DEV])
@@ -255,10 +248,7 @@ fn group_messages_out_of_order_and_a_replay() {
                 .expect("current session")
         })
         .collect();
-    let again = alice
-        .store
-        .plan_group(GROUP, &t, false, Default::default())
-        .expect("plan");
+    let again = plan_for(&alice, &t, false);
     assert_eq!(again.session_id, plan.session_id);
     assert!(again.needy.is_empty(), "shared already");
 
@@ -287,15 +277,7 @@ fn group_messages_out_of_order_and_a_replay() {
     assert!(t[0].contains("replayed"), "{t:?}");
 
     // A rotation makes a new session that needs sharing again.
-    let rotated = alice
-        .store
-        .plan_group(
-            GROUP,
-            &targets(&alice.store, &bob.keys),
-            true,
-            Default::default(),
-        )
-        .expect("plan");
+    let rotated = plan_for(&alice, &targets(&alice.store, &bob.keys), true);
     assert_ne!(rotated.session_id, plan.session_id);
     assert_eq!(rotated.needy, [BOB_DEV]);
     // Encrypting with the replaced session is refused (the caller plans again).
@@ -348,21 +330,12 @@ fn device_keys_must_verify_and_changes_are_reported() {
 #[test]
 fn a_replayed_pre_key_message_over_the_fallback_key_is_refused() {
     let (alice, bob) = pair();
-    let t = targets(&alice.store, &bob.keys);
-    let mut claimed = Claimed::new();
-    claimed.insert(BOB_DEV, bob.fallback.clone());
-    let body = alice
-        .store
-        .encrypt_olm(&t, &claimed, BOB, |_| {
-            Some(olm_payload::Body::Content(Content::text(
-                "over the fallback",
-            )))
-        })
-        .expect("encrypt")
-        .0[0]
-        .body
-        .clone()
-        .expect("body");
+    let body = encrypt_to(
+        &alice,
+        &bob,
+        &bob.fallback,
+        olm_payload::Body::Content(Content::text("over the fallback")),
+    );
     let peer = frames::Peer::user(ALICE);
     let a = bob
         .store
@@ -396,23 +369,14 @@ fn a_direct_message_filed_under_another_conversation_is_refused() {
 fn a_departed_device_makes_the_group_session_rotate() {
     let (alice, bob) = pair();
     let t = targets(&alice.store, &bob.keys);
-    let plan = alice
-        .store
-        .plan_group(GROUP, &t, false, Default::default())
-        .expect("plan");
+    let plan = plan_for(&alice, &t, false);
     alice
         .store
         .mark_shared(GROUP, &plan.session_id, &[BOB_DEV])
         .expect("shared");
-    let same = alice
-        .store
-        .plan_group(GROUP, &t, false, Default::default())
-        .expect("plan");
+    let same = plan_for(&alice, &t, false);
     assert_eq!(same.session_id, plan.session_id);
     // Bob's device is no longer a target (removed, or bob left): a new session.
-    let alone = alice
-        .store
-        .plan_group(GROUP, &[], false, Default::default())
-        .expect("plan");
+    let alone = plan_for(&alice, &[], false);
     assert_ne!(alone.session_id, plan.session_id);
 }
