@@ -11,22 +11,18 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::TestServer;
-use common::sdk::{Device, PASSWORD, login, online, register};
+use common::sdk::{Device, PASSWORD, login, online, register, until};
 use tern_client::{Client, ClientConfig, Event, Recipient, StoredMessage};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// The next message event.
 async fn next_message(events: &mut tern_client::EventStream) -> StoredMessage {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Event::Message(m) = events.next().await.expect("events") {
-                return *m;
-            }
-        }
+    until(events, |e| match e {
+        Event::Message(m) => Some((**m).clone()),
+        _ => None,
     })
     .await
-    .expect("a message in time")
 }
 
 /// The next received user message (system messages skipped) must be `text`, decrypted.
@@ -364,15 +360,11 @@ async fn a_tampered_ciphertext_is_reported_and_the_conversation_recovers() {
 
     let mut eb = b.client.events();
     b.client.connect().await.expect("connect");
-    let failure = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Event::DecryptionFailed(f) = eb.next().await.expect("events") {
-                return f;
-            }
-        }
+    let failure = until(&mut eb, |e| match e {
+        Event::DecryptionFailed(f) => Some(f.clone()),
+        _ => None,
     })
-    .await
-    .expect("the failure is reported");
+    .await;
     assert_eq!((failure.from.as_str(), failure.seq), ("alice", 1));
     let stored = next_message(&mut eb).await;
     assert_eq!(stored.seq, Some(1));
@@ -426,15 +418,11 @@ async fn safety_numbers_match_and_key_changes_are_flagged() {
     let b2 = login(&url, "bob").await;
     online(&b2).await;
     a.client.send_text("bob", "still you?").await.expect("send");
-    let change = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Event::KeysChanged(k) = ea.next().await.expect("events") {
-                return k;
-            }
-        }
+    let change = until(&mut ea, |e| match e {
+        Event::KeysChanged(k) => Some(k.clone()),
+        _ => None,
     })
-    .await
-    .expect("warned");
+    .await;
     assert_eq!(change.username, "bob");
     assert!(change.was_verified);
     let now = a.client.safety_number("bob").await.expect("number");
@@ -535,16 +523,11 @@ async fn the_server_is_blind() {
         .send_file(&Recipient::Group(g), &file, Some(secrets[3]), |_| {})
         .await
         .expect("send file");
-    let m = tokio::time::timeout(WAIT, async {
-        loop {
-            let m = next_message(&mut ec).await;
-            if m.media().is_some() {
-                return m;
-            }
-        }
+    let m = until(&mut ec, |e| match e {
+        Event::Message(m) if m.media().is_some() => Some((**m).clone()),
+        _ => None,
     })
-    .await
-    .expect("file message");
+    .await;
     assert!(m.text.contains(secrets[3]));
     let got = c
         .client

@@ -7,29 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use common::sdk::{PASSWORD, login, online, open, register};
+use common::sdk::{PASSWORD, login, online, open, register, until};
 use tern_client::{
     Client, ClientConfig, ConnectionState, ErrorCode, Event, ReceiptKind, Tick, Visibility,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// Waits for the first event `f` accepts.
-async fn until<T>(
-    events: &mut tern_client::EventStream,
-    mut f: impl FnMut(&Event) -> Option<T>,
-) -> T {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let e = events.next().await.expect("event stream open");
-            if let Some(t) = f(&e) {
-                return t;
-            }
-        }
-    })
-    .await
-    .expect("event in time")
-}
 
 /// Collects `n` message events (text, seq).
 async fn messages(events: &mut tern_client::EventStream, n: usize) -> Vec<(String, u64, bool)> {

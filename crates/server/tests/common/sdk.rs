@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use tern_client::{Client, ClientConfig};
+use tern_client::{Client, ClientConfig, Event, EventStream};
 
 pub const PASSWORD: &str = "correct horse";
-/// Bound on reaching `Synced`.
+/// Bound on reaching `Synced`, and on waiting for an event.
 const SYNC_WAIT: Duration = Duration::from_secs(20);
 
 pub struct Device {
@@ -47,4 +47,18 @@ pub async fn online(d: &Device) {
         .await
         .expect("synced in time")
         .expect("synced");
+}
+
+/// Waits (bounded) for the first event `f` accepts.
+pub async fn until<T>(events: &mut EventStream, mut f: impl FnMut(&Event) -> Option<T>) -> T {
+    tokio::time::timeout(SYNC_WAIT, async {
+        loop {
+            let e = events.next().await.expect("event stream open");
+            if let Some(t) = f(&e) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("event in time")
 }
