@@ -53,6 +53,7 @@ fn post(f: &Fixture, id: u64) -> NewMessage {
             body: None,
         }],
         now_ms: 1,
+        mailbox: MailboxLimit::UNLIMITED,
     }
 }
 

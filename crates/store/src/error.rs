@@ -1,4 +1,4 @@
-use crate::DeviceId;
+use crate::{DeviceId, UserId};
 
 /// What a store call can fail with. Domain outcomes first, then infrastructure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +29,8 @@ pub enum StoreError {
     IdentityKeysChanged,
     #[error("the limit of {0} unclaimed one-time keys per device is reached")]
     KeyLimit(usize),
+    #[error("the mailbox of a device of user {user} is full")]
+    MailboxFull { user: UserId, device: DeviceId },
     #[error("database error: {0}")]
     Database(String),
     #[error("the store is closed")]

@@ -170,6 +170,23 @@ pub struct AddressedDevice {
     pub body: Option<Vec<u8>>,
 }
 
+/// The most a device's mailbox may hold: entries, and the bytes of their bodies (a per-device
+/// body if the entry has one, else the message's shared body; receipts count 0 bytes). Checked
+/// in the transaction that posts a user message, against the mailbox as it is after the post.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxLimit {
+    pub max_entries: u64,
+    pub max_bytes: u64,
+}
+
+impl MailboxLimit {
+    /// No bound.
+    pub const UNLIMITED: MailboxLimit = MailboxLimit {
+        max_entries: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+}
+
 /// A message to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {
@@ -182,6 +199,10 @@ pub struct NewMessage {
     pub body: Vec<u8>,
     pub devices: Vec<AddressedDevice>,
     pub now_ms: i64,
+    /// The bound every recipient device's mailbox must stay within after this post, else
+    /// [`crate::StoreError::MailboxFull`] and nothing is stored. Receipts and group system
+    /// events are not bounded by it, only user messages.
+    pub mailbox: MailboxLimit,
 }
 
 /// A stored message as a device receives it. Shared (`Arc`) between the deliveries of one post.

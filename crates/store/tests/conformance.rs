@@ -54,6 +54,7 @@ fn to(sender: &DeviceAuth, recipient: UserId, id: &str, devices: &[DeviceId]) ->
             })
             .collect(),
         now_ms: 1000,
+        mailbox: MailboxLimit::UNLIMITED,
     }
 }
 
@@ -506,6 +507,7 @@ fn group_post(sender: &DeviceAuth, group: GroupId, id: &str) -> NewMessage {
         body: format!("body {id}").into_bytes(),
         devices: Vec::new(),
         now_ms: 20,
+        mailbox: MailboxLimit::UNLIMITED,
     }
 }
 
@@ -1290,6 +1292,261 @@ async fn addressed_group_messages(f: Fixture) {
     assert_eq!(&m.body[..], b"key for bob 1");
 }
 
+/// `post` with a mailbox bound of `max_entries` entries and `max_bytes` bytes per device.
+fn bounded(mut post: NewMessage, max_entries: u64, max_bytes: u64) -> NewMessage {
+    post.mailbox = MailboxLimit {
+        max_entries,
+        max_bytes,
+    };
+    post
+}
+
+/// A direct post whose shared body is `len` bytes.
+fn sized(
+    sender: &DeviceAuth,
+    recipient: UserId,
+    id: &str,
+    devices: &[DeviceId],
+    len: usize,
+) -> NewMessage {
+    let mut post = to(sender, recipient, id, devices);
+    post.body = vec![b'x'; len];
+    post
+}
+
+async fn mailbox_entry_bound_refuses_and_stores_nothing(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let b = bob[0].device_id;
+    let send = |id: &str| bounded(to(&alice[0], bob[0].user_id, id, &[b]), 2, u64::MAX);
+    for (i, id) in ["m1", "m2"].into_iter().enumerate() {
+        let out = s.post_message(send(id)).await.expect("fits");
+        assert_eq!(stored_seq(&out), i as u64 + 1);
+    }
+    let before = s.mailbox_after(b, 0, 100).await.expect("mailbox");
+    let full = Err(StoreError::MailboxFull {
+        user: bob[0].user_id,
+        device: b,
+    });
+    assert_eq!(s.post_message(send("m3")).await, full);
+    assert_eq!(
+        s.mailbox_after(b, 0, 100).await.expect("mailbox"),
+        before,
+        "the refused post left nothing in the mailbox"
+    );
+    // Acknowledging one entry makes room for one.
+    s.ack(bob[0].clone(), 1, 2000).await.expect("ack");
+    let out = s.post_message(send("m3")).await.expect("room for one");
+    assert!(
+        matches!(out, PostOutcome::Stored { seq: 3, .. }),
+        "the refusal stored nothing, not even a seq: {out:?}"
+    );
+    assert_eq!(s.post_message(send("m4")).await, full);
+    s.ack(bob[0].clone(), 3, 2001).await.expect("ack");
+    let out = s.post_message(send("m4")).await.expect("room again");
+    assert_eq!(stored_seq(&out), 4);
+    let got = messages_of(s, b).await;
+    assert_eq!(
+        got.iter().map(|m| (m.0, m.1)).collect::<Vec<_>>(),
+        vec![(4, 4)],
+        "mseq and seq stayed consecutive through the refusals"
+    );
+}
+
+async fn mailbox_byte_bound_refuses_and_stores_nothing(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let b = bob[0].device_id;
+    let send =
+        |id: &str, len: usize| bounded(sized(&alice[0], bob[0].user_id, id, &[b], len), 100, 100);
+    s.post_message(send("m1", 40)).await.expect("40 of 100");
+    s.post_message(send("m2", 40)).await.expect("80 of 100");
+    let full = Err(StoreError::MailboxFull {
+        user: bob[0].user_id,
+        device: b,
+    });
+    assert_eq!(s.post_message(send("m3", 40)).await, full, "120 of 100");
+    assert_eq!(messages_of(s, b).await.len(), 2);
+    let out = s.post_message(send("m3", 20)).await.expect("exactly 100");
+    assert_eq!(stored_seq(&out), 3);
+    assert_eq!(s.post_message(send("m4", 1)).await, full);
+    s.ack(bob[0].clone(), 1, 2000).await.expect("ack");
+    let out = s
+        .post_message(send("m4", 40))
+        .await
+        .expect("40 bytes freed");
+    assert_eq!(stored_seq(&out), 4);
+}
+
+async fn group_send_to_a_full_mailbox_is_refused_whole(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let carol = user(s, "carol", 1).await;
+    let gid = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id, carol[0].user_id]))
+        .await
+        .expect("create")
+        .group
+        .id;
+    let send = |id: &str| bounded(group_post(&alice[0], gid, id), 2, u64::MAX);
+    s.post_message(send("g1")).await.expect("post"); // seq 2
+    // Bob's device empties its mailbox; carol's holds the CREATED event and g1: full at 2.
+    s.ack(bob[0].clone(), 2, 30).await.expect("ack");
+    assert_eq!(
+        s.post_message(send("g2")).await,
+        Err(StoreError::MailboxFull {
+            user: carol[0].user_id,
+            device: carol[0].device_id,
+        })
+    );
+    assert!(
+        kinds_of(s, bob[0].device_id).await.is_empty(),
+        "no member got the refused message"
+    );
+    assert_eq!(kinds_of(s, carol[0].device_id).await.len(), 2);
+    assert_eq!(s.group(gid).await.expect("g").expect("exists").last_seq, 2);
+    // The end-to-end encrypted form, addressed device by device, is bounded the same way.
+    let mut addressed = send("g2");
+    addressed.devices = [bob[0].device_id, carol[0].device_id]
+        .iter()
+        .map(|d| AddressedDevice {
+            device: *d,
+            body: Some(b"own".to_vec()),
+        })
+        .collect();
+    assert!(matches!(
+        s.post_message(addressed).await,
+        Err(StoreError::MailboxFull { .. })
+    ));
+    s.ack(carol[0].clone(), 1, 31).await.expect("ack");
+    let out = s.post_message(send("g2")).await.expect("room");
+    assert_eq!(stored_seq(&out), 3);
+    assert_eq!(
+        kinds_of(s, bob[0].device_id).await,
+        vec![(3, MessageKind::User)]
+    );
+}
+
+async fn receipts_and_group_events_reach_full_mailboxes(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let a = alice[0].device_id;
+    s.post_message(to(&alice[0], bob[0].user_id, "a1", &[bob[0].device_id]))
+        .await
+        .expect("post"); // seq 1
+    let to_alice = |id: &str| bounded(to(&bob[0], alice[0].user_id, id, &[a]), 1, u64::MAX);
+    s.post_message(to_alice("b1")).await.expect("fills alice"); // seq 2
+    let full = Err(StoreError::MailboxFull {
+        user: alice[0].user_id,
+        device: a,
+    });
+    assert_eq!(s.post_message(to_alice("b2")).await, full);
+    // Bob's delivered and read receipts of a1, and the event of a group bob creates, still reach
+    // alice's full mailbox.
+    let r = s.ack(bob[0].clone(), 1, 2000).await.expect("ack");
+    assert_eq!(r.iter().map(|d| d.device).collect::<Vec<_>>(), vec![a]);
+    let r = s
+        .mark_read(bob[0].clone(), Target::User(alice[0].user_id), 1, 2001)
+        .await
+        .expect("read");
+    assert!(r.iter().any(|d| d.device == a));
+    let g = s
+        .create_group(new_group(&bob[0], &[alice[0].user_id]))
+        .await
+        .expect("create");
+    assert!(g.deliveries.iter().any(|d| d.device == a));
+    assert_eq!(
+        receipts_of(s, a).await,
+        vec![
+            (ReceiptKind::Delivered, bob[0].user_id, 1),
+            (ReceiptKind::Read, bob[0].user_id, 1)
+        ]
+    );
+    assert_eq!(
+        kinds_of(s, a).await,
+        vec![(2, MessageKind::User), (1, MessageKind::System)]
+    );
+    // Everything counted was taken off again: once alice acknowledges it all, her mailbox holds
+    // exactly one message of exactly its size again.
+    let last = s.mailbox_after(a, 0, 100).await.expect("mailbox");
+    let up_to = last.last().expect("entries").mseq;
+    s.ack(alice[0].clone(), up_to, 2002).await.expect("ack");
+    let exact = bounded(to(&bob[0], alice[0].user_id, "b2", &[a]), 1, 7);
+    assert_eq!(exact.body.len(), 7);
+    let out = s.post_message(exact).await.expect("counters are exact");
+    assert_eq!(stored_seq(&out), 3);
+    assert_eq!(s.post_message(to_alice("b3")).await, full);
+}
+
+async fn mailbox_bounds_count_own_bodies_and_follow_device_removal(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 2).await;
+    let (b0, b1) = (bob[0].device_id, bob[1].device_id);
+    // A shared body of `shared` bytes; per-device bodies of the given sizes for bob's devices.
+    let send = |id: &str, shared: usize, own: [Option<usize>; 2], devices: [DeviceId; 2]| {
+        let mut post = bounded(
+            sized(&alice[0], bob[0].user_id, id, &devices, shared),
+            u64::MAX,
+            45,
+        );
+        for (d, n) in post.devices.iter_mut().zip(own) {
+            d.body = n.map(|n| vec![b'o'; n]);
+        }
+        post
+    };
+    // b0 counts its own 40 bytes, b1 the shared 30.
+    s.post_message(send("p1", 30, [Some(40), None], [b0, b1]))
+        .await
+        .expect("p1");
+    let b0_full = Err(StoreError::MailboxFull {
+        user: bob[0].user_id,
+        device: b0,
+    });
+    let b1_full = Err(StoreError::MailboxFull {
+        user: bob[0].user_id,
+        device: b1,
+    });
+    assert_eq!(
+        s.post_message(send("p2", 1, [Some(5), Some(16)], [b0, b1]))
+            .await,
+        b1_full,
+        "b1 counted the shared body"
+    );
+    assert_eq!(
+        s.post_message(send("p2", 1, [Some(6), Some(15)], [b0, b1]))
+            .await,
+        b0_full,
+        "b0 counted its own body, not the shared one"
+    );
+    assert_eq!(messages_of(s, b0).await.len(), 1, "refused whole");
+    assert_eq!(messages_of(s, b1).await.len(), 1, "refused whole");
+    s.post_message(send("p2", 1, [Some(5), Some(15)], [b0, b1]))
+        .await
+        .expect("exactly 45 each");
+    // Removing a device takes its mailbox with it; a new device of bob starts empty, and b0's
+    // acknowledged bytes are free again.
+    s.ack(bob[0].clone(), 2, 3000).await.expect("ack");
+    s.remove_device(bob[0].user_id, b1).await.expect("remove");
+    let b2 = s
+        .create_device(bob[0].user_id, "new", b"bob-new", 16, 3001)
+        .await
+        .expect("device");
+    let out = s
+        .post_message(send("p3", 45, [None, Some(45)], [b0, b2]))
+        .await
+        .expect("both empty");
+    assert_eq!(stored_seq(&out), 3);
+    assert_eq!(
+        s.post_message(send("p4", 1, [None, None], [b0, b2])).await,
+        b0_full
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -1311,7 +1568,12 @@ macro_rules! conformance {
                 group_receipts_and_message_info,
                 media_uploads_quota_and_references,
                 media_garbage_is_expired_uploads_and_unreferenced_objects,
-                key_directory_publish_list_and_claim);
+                key_directory_publish_list_and_claim,
+                mailbox_entry_bound_refuses_and_stores_nothing,
+                mailbox_byte_bound_refuses_and_stores_nothing,
+                group_send_to_a_full_mailbox_is_refused_whole,
+                receipts_and_group_events_reach_full_mailboxes,
+                mailbox_bounds_count_own_bodies_and_follow_device_removal);
         }
     };
     (@tests $make:expr; $($name:ident),*) => {
@@ -1347,4 +1609,72 @@ async fn sqlite_state_survives_reopen() {
         .expect("auth")
         .expect("bob");
     assert_eq!(messages_of(&s, bob.device_id).await.len(), 1);
+}
+
+/// Migration 4 back-fills the mailbox totals of a database written before it: it is taken back
+/// to version 3 (the columns dropped) and opened again.
+#[tokio::test]
+async fn sqlite_migration_backfills_mailbox_totals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.db");
+    let (a0, b0, b1, bob_id, alice) = {
+        let s = sqlite::SqliteStore::open(&path, sqlite::SqliteOptions::default()).expect("open");
+        let alice = user(&s, "alice", 1).await;
+        let bob = user(&s, "bob", 2).await;
+        let (b0, b1) = (bob[0].device_id, bob[1].device_id);
+        // m1: b0 has its own 40 bytes, b1 the shared body ("body m1", 7 bytes).
+        let mut m1 = to(&alice[0], bob[0].user_id, "m1", &[b0, b1]);
+        m1.devices[0].body = Some(vec![b'o'; 40]);
+        s.post_message(m1).await.expect("m1");
+        // m2: own bodies only (no shared body is stored).
+        let mut m2 = to(&alice[0], bob[0].user_id, "m2", &[b0, b1]);
+        m2.devices[0].body = Some(vec![b'o'; 3]);
+        m2.devices[1].body = Some(vec![b'o'; 4]);
+        s.post_message(m2).await.expect("m2");
+        // b0 acknowledges m1: alice's device gets a delivered receipt (0 bytes).
+        s.ack(bob[0].clone(), 1, 2000).await.expect("ack");
+        s.close().await;
+        (alice[0].device_id, b0, b1, bob[0].user_id, alice)
+    };
+    {
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        c.execute_batch(
+            "ALTER TABLE mailbox DROP COLUMN size;
+             ALTER TABLE devices DROP COLUMN mailbox_entries;
+             ALTER TABLE devices DROP COLUMN mailbox_bytes;
+             PRAGMA user_version = 3;",
+        )
+        .expect("back to version 3");
+    }
+    let s = sqlite::SqliteStore::open(&path, sqlite::SqliteOptions::default()).expect("migrate");
+    s.close().await;
+    {
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 4);
+        let totals: Vec<(u64, i64, i64)> = c
+            .prepare("SELECT id, mailbox_entries, mailbox_bytes FROM devices ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(totals, vec![(a0, 1, 0), (b0, 1, 3), (b1, 2, 11)]);
+    }
+    // The store bounds mailboxes by the back-filled totals.
+    let s = sqlite::SqliteStore::open(&path, sqlite::SqliteOptions::default()).expect("reopen");
+    let post = bounded(to(&alice[0], bob_id, "m3", &[b0, b1]), 2, u64::MAX);
+    assert_eq!(
+        s.post_message(post).await,
+        Err(StoreError::MailboxFull {
+            user: bob_id,
+            device: b1
+        })
+    );
+    let post = bounded(to(&alice[0], bob_id, "m3", &[b0, b1]), 3, 11 + 7);
+    assert_eq!(stored_seq(&s.post_message(post).await.expect("fits")), 3);
 }

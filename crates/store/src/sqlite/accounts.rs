@@ -124,29 +124,42 @@ pub(super) fn device_ids(c: &Connection, user: UserId) -> Result<Vec<DeviceId>, 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Deletes mailbox entries of `device` up to `up_to` and releases the message bodies no device
-/// needs any more. Returns the deleted message entries as (conversation_id, seq).
+/// Deletes mailbox entries of `device` up to `up_to`, takes them off the device's mailbox
+/// totals and releases the message bodies no device needs any more. Returns the deleted message
+/// entries as (conversation_id, seq).
 pub(super) fn delete_mailbox(
     c: &Connection,
     device: DeviceId,
     up_to: u64,
 ) -> Result<Vec<(i64, u64)>, StoreError> {
     let mut st = c.prepare_cached(
-        "DELETE FROM mailbox WHERE device_id = ?1 AND mseq <= ?2 RETURNING kind, conversation_id, seq",
+        "DELETE FROM mailbox WHERE device_id = ?1 AND mseq <= ?2 RETURNING kind, conversation_id, seq, size",
     )?;
     let rows = st.query_map(params![device as i64, up_to as i64], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, i64>(1)?,
             r.get::<_, i64>(2)? as u64,
+            r.get::<_, i64>(3)?,
         ))
     })?;
     let mut messages = Vec::new();
+    let (mut entries, mut bytes) = (0i64, 0i64);
     for row in rows {
-        let (kind, conv, seq) = row?;
+        let (kind, conv, seq, size) = row?;
+        entries += 1;
+        bytes += size;
         if kind == 1 {
             messages.push((conv, seq));
         }
+    }
+    if entries > 0 {
+        c.prepare_cached(
+            "UPDATE devices SET mailbox_entries = mailbox_entries - ?2,
+                    mailbox_bytes = mailbox_bytes - ?3
+             WHERE id = ?1",
+        )?
+        .execute(params![device as i64, entries, bytes])?;
     }
     let mut release = c.prepare_cached(
         "UPDATE messages SET pending = pending - 1,

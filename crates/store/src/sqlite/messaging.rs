@@ -115,18 +115,37 @@ struct NewEntry<'a> {
     body: Option<&'a [u8]>,
     all: Option<(u64, u64)>,
     ts: i64,
+    /// The bytes this entry counts for in the device's mailbox bound.
+    size: u64,
 }
 
-/// Appends one entry to a device's mailbox and returns its sequence number.
-fn append(c: &Connection, device: DeviceId, e: NewEntry<'_>) -> Result<u64, StoreError> {
-    let mseq: i64 = c
+/// An appended entry's sequence number and the device's mailbox totals with it.
+struct Appended {
+    mseq: u64,
+    entries: u64,
+    bytes: u64,
+}
+
+impl Appended {
+    fn exceeds(&self, limit: MailboxLimit) -> bool {
+        self.entries > limit.max_entries || self.bytes > limit.max_bytes
+    }
+}
+
+/// Appends one entry to a device's mailbox, counting it in the device's totals.
+fn append(c: &Connection, device: DeviceId, e: NewEntry<'_>) -> Result<Appended, StoreError> {
+    let (mseq, entries, bytes): (i64, i64, i64) = c
         .prepare_cached(
-            "UPDATE devices SET next_mseq = next_mseq + 1 WHERE id = ?1 RETURNING next_mseq - 1",
+            "UPDATE devices SET next_mseq = next_mseq + 1, mailbox_entries = mailbox_entries + 1,
+                    mailbox_bytes = mailbox_bytes + ?2
+             WHERE id = ?1 RETURNING next_mseq - 1, mailbox_entries, mailbox_bytes",
         )?
-        .query_row([device as i64], |r| r.get(0))?;
+        .query_row(params![device as i64, e.size as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
     c.prepare_cached(
-        "INSERT INTO mailbox (device_id, mseq, kind, conversation_id, seq, reader, body, all_delivered, all_read, ts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO mailbox (device_id, mseq, kind, conversation_id, seq, reader, body, all_delivered, all_read, ts, size)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         device as i64,
@@ -138,17 +157,25 @@ fn append(c: &Connection, device: DeviceId, e: NewEntry<'_>) -> Result<u64, Stor
         e.body,
         e.all.map(|a| a.0 as i64),
         e.all.map(|a| a.1 as i64),
-        e.ts
+        e.ts,
+        e.size as i64
     ])?;
-    Ok(mseq as u64)
+    Ok(Appended {
+        mseq: mseq as u64,
+        entries: entries as u64,
+        bytes: bytes as u64,
+    })
 }
 
 /// Stores a message row and the mailbox entries of `to` (device, owning user, own body).
+/// `MailboxFull` if a device's mailbox is past `limit` with its entry; the caller's savepoint
+/// then undoes the whole post.
 fn store_message(
     c: &Connection,
     conv_id: i64,
     record: MessageRecord,
     to: &[(DeviceId, UserId, Option<Vec<u8>>)],
+    limit: MailboxLimit,
 ) -> Result<Vec<Delivery>, StoreError> {
     let shared_used = to.iter().any(|d| d.2.is_none());
     c.prepare_cached(
@@ -177,8 +204,16 @@ fn store_message(
             body: own.as_deref(),
             all: None,
             ts: shared.server_ts_ms,
+            size: own.as_ref().map_or(shared.body.len(), |b| b.len()) as u64,
         };
-        let mseq = append(c, *device, entry)?;
+        let appended = append(c, *device, entry)?;
+        if appended.exceeds(limit) {
+            return Err(StoreError::MailboxFull {
+                user: *user,
+                device: *device,
+            });
+        }
+        let mseq = appended.mseq;
         let item = match own {
             None => shared.clone(),
             Some(b) => Arc::new(MessageRecord {
@@ -198,13 +233,14 @@ fn store_message(
     Ok(deliveries)
 }
 
-/// Fans a group message out to every member device except `skip`.
+/// Fans a group message out to every member device except `skip`, within `limit`.
 pub fn fan_out_group(
     c: &Connection,
     cache: &mut WriterCache,
     conv_id: i64,
     record: MessageRecord,
     skip: DeviceId,
+    limit: MailboxLimit,
 ) -> Result<Vec<Delivery>, StoreError> {
     let fanout = cache.fanout(c, conv_id)?;
     let to: Vec<(DeviceId, UserId, Option<Vec<u8>>)> = fanout
@@ -212,7 +248,7 @@ pub fn fan_out_group(
         .filter(|(_, d)| *d != skip)
         .map(|(u, d)| (d, u, None))
         .collect();
-    store_message(c, conv_id, record, &to)
+    store_message(c, conv_id, record, &to, limit)
 }
 
 /// Stores a server-written group event in the group's sequence.
@@ -240,8 +276,9 @@ pub fn post_system(
         server_ts_ms: now,
         body: Arc::from(body),
     };
-    // The actor's own devices get the event too: it is part of the group's history.
-    let deliveries = fan_out_group(c, cache, conv_id, record, 0)?;
+    // The actor's own devices get the event too: it is part of the group's history. Events are
+    // not bounded by mailbox limits (a member must learn of its own removal), only counted.
+    let deliveries = fan_out_group(c, cache, conv_id, record, 0, MailboxLimit::UNLIMITED)?;
     Ok((seq, deliveries))
 }
 
@@ -304,7 +341,7 @@ pub fn post_message(
             let seq = next_seq(c, conv_id)?;
             let record = record(Conversation::Group { id: group, name }, seq);
             let deliveries = match addressed {
-                None => fan_out_group(c, cache, conv_id, record, p.sender.device_id)?,
+                None => fan_out_group(c, cache, conv_id, record, p.sender.device_id, p.mailbox)?,
                 Some(to) => {
                     let mut own: BTreeMap<DeviceId, Option<Vec<u8>>> = p
                         .devices
@@ -315,7 +352,7 @@ pub fn post_message(
                         .into_iter()
                         .map(|(d, u)| (d, u, own.remove(&d).flatten()))
                         .collect();
-                    store_message(c, conv_id, record, &to)?
+                    store_message(c, conv_id, record, &to, p.mailbox)?
                 }
             };
             (seq, deliveries)
@@ -362,6 +399,7 @@ pub fn post_message(
                 conv_id,
                 record(Conversation::Direct { lo, hi }, seq),
                 &to,
+                p.mailbox,
             )?;
             (seq, deliveries)
         }
@@ -430,8 +468,10 @@ fn send_receipt(
             body: None,
             all: Some((all_d, all_r)),
             ts: record.ts_ms,
+            size: 0,
         };
-        let mseq = append(c, device, entry)?;
+        // Receipts are counted but never refused: they are how senders learn of delivery.
+        let mseq = append(c, device, entry)?.mseq;
         out.push(Delivery {
             device,
             user: to_user,

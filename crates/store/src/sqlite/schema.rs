@@ -143,6 +143,23 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (device_id, key_id)
     ) WITHOUT ROWID;
     "#,
+    // 4: mailbox bounds. Each mailbox row records the bytes it counts for (its own body, else
+    //    the message's shared body; 0 for receipts); each device keeps the count and byte sum of
+    //    its mailbox, maintained by every append and delete. Back-filled from existing rows.
+    r#"
+    ALTER TABLE devices ADD COLUMN mailbox_entries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN mailbox_bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE mailbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE mailbox SET size = COALESCE(
+        length(CAST(body AS BLOB)),
+        (SELECT length(CAST(g.body AS BLOB)) FROM messages g
+         WHERE g.conversation_id = mailbox.conversation_id AND g.seq = mailbox.seq),
+        0)
+    WHERE kind = 1;
+    UPDATE devices SET
+        mailbox_entries = (SELECT COUNT(*) FROM mailbox m WHERE m.device_id = devices.id),
+        mailbox_bytes = (SELECT COALESCE(SUM(m.size), 0) FROM mailbox m WHERE m.device_id = devices.id);
+    "#,
 ];
 
 /// Brings the database to the latest schema.
