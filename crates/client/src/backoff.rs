@@ -41,6 +41,12 @@ impl Backoff {
         self.next_with(&mut rand::rng())
     }
 
+    /// The next delay, but never less than what the server asked for (`retry_after_ms` of an
+    /// `Error` frame; 0: it said nothing).
+    pub fn next_honouring(&mut self, retry_after_ms: u64) -> Duration {
+        self.next_delay().max(Duration::from_millis(retry_after_ms))
+    }
+
     /// After a connection that worked, start again from `initial`.
     pub fn reset(&mut self) {
         self.attempt = 0;

@@ -14,7 +14,8 @@ pub enum Error {
     Server {
         code: ErrorCode,
         message: String,
-        /// Seconds to wait before retrying, with `rate_limited`.
+        /// Seconds to wait before retrying, with `rate_limited`, `unavailable` and
+        /// `mailbox_full` (rounded up from the socket's milliseconds).
         retry_after_secs: Option<u64>,
     },
     /// The call needs a session: `register` or `login` first.
@@ -87,13 +88,26 @@ impl Error {
         }
     }
 
+    /// A socket `Error` frame, with its retry-after.
+    pub(crate) fn from_frame(e: &tern_proto::frames::Error) -> Error {
+        Error::Server {
+            code: ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal),
+            message: e.message.clone(),
+            retry_after_secs: (e.retry_after_ms > 0).then(|| e.retry_after_ms.div_ceil(1000)),
+        }
+    }
+
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Network(_) | Error::NotConnected => true,
             Error::Server { code, .. } => matches!(
                 code,
-                ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::RateLimited
+                ErrorCode::Internal
+                    | ErrorCode::Unavailable
+                    | ErrorCode::RateLimited
+                    | ErrorCode::MailboxFull
+                    | ErrorCode::RequestTimeout
             ),
             _ => false,
         }

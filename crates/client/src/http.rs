@@ -32,6 +32,9 @@ impl Http {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            // Below the server's header timeout (10 s by default), which closes idle
+            // keep-alive connections: a request must not go out on one being closed.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| Error::Network(format!("cannot build HTTP client: {e}")))?;
         Ok(Http {

@@ -249,9 +249,11 @@ impl Client {
                         }
                         continue;
                     }
-                    let err = Error::server(code, e.message);
+                    let err = Error::from_frame(&e);
                     if err.is_transient() {
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        // `rate_limited` and `mailbox_full` say how long to wait.
+                        tracing::debug!(error = %err, retry_after_ms = e.retry_after_ms, "send refused for now; retrying");
+                        tokio::time::sleep(backoff.next_honouring(e.retry_after_ms)).await;
                         continue;
                     }
                     return Err(self.fail(session, item, err).await);
@@ -351,12 +353,11 @@ impl Client {
             self.wait_connected().await?;
             match self.request(kind.clone()).await {
                 Ok(Answer::Error(e)) => {
-                    let code = ErrorCode::from_i32(e.code).unwrap_or(ErrorCode::Internal);
-                    let err = Error::server(code, e.message);
+                    let err = Error::from_frame(&e);
                     if !err.is_transient() {
                         return Err(err);
                     }
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    tokio::time::sleep(backoff.next_honouring(e.retry_after_ms)).await;
                 }
                 Ok(answer) => return Ok(answer),
                 // Connection lost before the answer: wait for the next one and resend.

@@ -298,6 +298,7 @@ async fn messaging(mut ws: Ws, connection: usize) {
             message: "mismatch".into(),
             missing_devices: vec![],
             extra_devices: vec![],
+            retry_after_ms: 0,
         };
         send(&mut ws, f.request_id, server_frame::Kind::Error(mismatch)).await;
         // The retry carries the same id; drop the connection instead of answering.

@@ -43,10 +43,14 @@ pub enum ErrorCode {
     LengthRequired = 15,
     /// A required precondition header is missing or unsupported (`Tus-Resumable`).
     PreconditionFailed = 16,
+    /// A recipient device's mailbox is full (it has been offline long); retry later.
+    MailboxFull = 17,
+    /// The request took longer than the server allows (a body sent too slowly).
+    RequestTimeout = 18,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -63,6 +67,8 @@ impl ErrorCode {
         ErrorCode::QuotaExceeded,
         ErrorCode::LengthRequired,
         ErrorCode::PreconditionFailed,
+        ErrorCode::MailboxFull,
+        ErrorCode::RequestTimeout,
     ];
 
     /// The HTTP status that carries this code.
@@ -76,6 +82,8 @@ impl ErrorCode {
             ErrorCode::TooLarge | ErrorCode::QuotaExceeded => 413,
             ErrorCode::LengthRequired => 411,
             ErrorCode::PreconditionFailed => 412,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::MailboxFull => 507,
             // tus' "checksum mismatch".
             ErrorCode::ChecksumMismatch => 460,
             ErrorCode::RateLimited => 429,
@@ -103,6 +111,8 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::LengthRequired => "length_required",
             ErrorCode::PreconditionFailed => "precondition_failed",
+            ErrorCode::MailboxFull => "mailbox_full",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 

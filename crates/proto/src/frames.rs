@@ -212,6 +212,10 @@ pub struct Error {
     pub missing_devices: Vec<u64>,
     #[prost(uint64, repeated, tag = "4")]
     pub extra_devices: Vec<u64>,
+    /// With `rate_limited` and `mailbox_full`: milliseconds to wait before retrying (0: not
+    /// said).
+    #[prost(uint64, tag = "5")]
+    pub retry_after_ms: u64,
 }
 
 /// Something from the device's mailbox. Acknowledge it with `Ack{up_to: mailbox_seq}`.
@@ -419,6 +423,7 @@ impl ServerFrame {
                 message: message.into(),
                 missing_devices: Vec::new(),
                 extra_devices: Vec::new(),
+                retry_after_ms: 0,
             })),
         }
     }

@@ -45,8 +45,6 @@ pub struct Limits {
     /// Seconds one frame may take to be written to a client before the connection is dropped
     /// (a client that stops reading must not hold a connection task forever).
     pub send_timeout_secs: u32,
-    /// Login attempts allowed per username per minute (and per client address).
-    pub login_attempts_per_minute: u32,
     /// Most members of one group.
     pub max_group_members: usize,
     /// One-time keys a device may have published and unclaimed at once (and per upload).
@@ -67,7 +65,6 @@ impl Default for Limits {
             idle_timeout_secs: 75,
             handshake_timeout_secs: 10,
             send_timeout_secs: 10,
-            login_attempts_per_minute: 10,
             max_group_members: 1024,
             max_one_time_keys: 100,
             max_key_claims: 256,

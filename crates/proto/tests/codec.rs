@@ -104,16 +104,20 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             })
         }),
         (
-            1i32..13,
+            1i32..19,
             ".{0,30}",
-            proptest::collection::vec(any::<u64>(), 0..4)
+            proptest::collection::vec(any::<u64>(), 0..4),
+            any::<u64>()
         )
-            .prop_map(|(code, message, ids)| server_frame::Kind::Error(Error {
-                code,
-                message,
-                missing_devices: ids.clone(),
-                extra_devices: ids,
-            })),
+            .prop_map(
+                |(code, message, ids, retry_after_ms)| server_frame::Kind::Error(Error {
+                    code,
+                    message,
+                    missing_devices: ids.clone(),
+                    extra_devices: ids,
+                    retry_after_ms,
+                })
+            ),
         any::<u64>().prop_map(|up_to| server_frame::Kind::Synced(Synced { up_to })),
         Just(server_frame::Kind::Done(Done {})),
     ]

@@ -2,12 +2,9 @@
 //! and hands them down; nothing is looked up globally. [`run`] serves HTTP and WebSocket on a
 //! bound listener until `shutdown` fires, then closes sockets and flushes storage.
 
-use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tern_store::Store;
 use tern_store::sqlite::{SqliteOptions, SqliteStore};
@@ -15,8 +12,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::PasswordHasher;
 use crate::config::{BlobBackend, Config};
 use crate::media::{BlobStore, FsBlobs, Media};
+use crate::net::ConnLimiter;
+use crate::ratelimit::RateLimits;
 use crate::router::{LocalRouter, Router};
 use crate::services::groups::Groups;
 use crate::services::messaging::Messaging;
@@ -34,8 +34,11 @@ pub struct AppState {
     pub groups: Arc<Groups>,
     pub presence: Arc<Presence>,
     pub media: Arc<Media>,
-    pub login_by_user: Arc<DefaultKeyedRateLimiter<String>>,
-    pub login_by_addr: Arc<DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    /// The bounded pool every password hash and verification runs on.
+    pub passwords: Arc<PasswordHasher>,
+    pub rate_limits: Arc<RateLimits>,
+    /// Open connections, in all and per address.
+    pub connection_limits: Arc<ConnLimiter>,
     pub metrics: PrometheusHandle,
     /// Verified against when a login names an unknown user (see `auth::decoy_hash`).
     pub decoy_hash: Arc<str>,
@@ -58,10 +61,6 @@ fn prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
-}
-
-fn per_minute(n: u32) -> Quota {
-    Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
 }
 
 impl AppState {
@@ -102,15 +101,34 @@ impl AppState {
         clock: Arc<dyn Clock>,
         blobs: Arc<dyn BlobStore>,
     ) -> anyhow::Result<AppState> {
+        config.validate()?;
+        let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
         let messaging = Arc::new(Messaging::new(
             store.clone(),
             router.clone(),
             clock.clone(),
+            rate_limits.clone(),
             config.limits.clone(),
+            tern_store::MailboxLimit {
+                max_entries: config.mailbox.max_entries,
+                max_bytes: config.mailbox.max_bytes,
+            },
         ));
-        // Config::validate has checked the cost, so hashing cannot fail here.
-        let decoy_hash: Arc<str> =
-            Arc::from(crate::auth::decoy_hash(config.password_hashing).unwrap_or_default());
+        let decoy_hash: Arc<str> = Arc::from(
+            crate::auth::decoy_hash(&config.password_hashing).map_err(anyhow::Error::msg)?,
+        );
+        let passwords =
+            Arc::new(PasswordHasher::start(&config.password_hashing).map_err(anyhow::Error::msg)?);
+        let descriptors = crate::net::descriptor_limit();
+        let max_connections = crate::net::total_bound(config.connections.max_total, descriptors);
+        tracing::info!(
+            descriptors = descriptors.map_or(-1, |n| n as i64),
+            max_connections,
+            max_per_address = config.connections.max_per_address,
+            "connection limits"
+        );
+        let connection_limits =
+            ConnLimiter::new(max_connections, config.connections.max_per_address);
         let groups = Arc::new(Groups::new(
             store.clone(),
             router.clone(),
@@ -126,12 +144,9 @@ impl AppState {
             config.data_dir.join("uploads"),
         )?);
         Ok(AppState {
-            login_by_user: Arc::new(RateLimiter::keyed(per_minute(
-                config.limits.login_attempts_per_minute,
-            ))),
-            login_by_addr: Arc::new(RateLimiter::keyed(per_minute(
-                config.login_attempts_per_minute_per_address,
-            ))),
+            passwords,
+            rate_limits,
+            connection_limits,
             config: Arc::new(config),
             store,
             router,
@@ -164,27 +179,21 @@ pub async fn run(
     let housekeeping = tokio::spawn(housekeeping(state.clone()));
 
     // Connection tasks watch the state's own token; tie it to the caller's.
-    let conn_shutdown = state.shutdown.clone();
+    let stop = state.shutdown.clone();
+    let caller = shutdown.clone();
+    tokio::spawn(async move {
+        caller.cancelled().await;
+        stop.cancel();
+    });
     let app = crate::http::router(state.clone());
-    // Small frames must leave at once: with Nagle's algorithm the second of two small writes
-    // waits for the peer's delayed ACK (40 ms here): measured ~42 ms from Welcome to Synced.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let serve = axum::serve(
+    crate::net::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        &state.config.connections,
+        state.connection_limits.clone(),
+        state.shutdown.clone(),
     )
-    .with_graceful_shutdown({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            conn_shutdown.cancel();
-        }
-    });
-    let served = serve.await;
+    .await;
     state.shutdown.cancel();
     state.connections.close();
     if tokio::time::timeout(Duration::from_secs(10), state.connections.wait())
@@ -198,7 +207,7 @@ pub async fn run(
     state.presence.flush().await;
     state.store.close().await;
     tracing::info!("ternd stopped");
-    served.map_err(Into::into)
+    Ok(())
 }
 
 /// Periodic upkeep: forget idle rate-limiter keys so the limiters stay bounded; collect media
@@ -219,9 +228,6 @@ async fn housekeeping(state: AppState) {
                 Err(e) => tracing::warn!(error = %e.message, "media collection failed"),
             }
         }
-        state.login_by_user.retain_recent();
-        state.login_by_addr.retain_recent();
-        state.login_by_user.shrink_to_fit();
-        state.login_by_addr.shrink_to_fit();
+        state.rate_limits.housekeeping();
     }
 }

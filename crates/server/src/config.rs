@@ -18,16 +18,102 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Seconds between batched writes of last-seen times.
     pub last_seen_flush_secs: u64,
-    /// Login attempts allowed per client address per minute (per username: see `limits`).
-    pub login_attempts_per_minute_per_address: u32,
     /// Read connections of the SQLite store.
     pub sqlite_readers: usize,
     /// Every size and count limit.
     pub limits: Limits,
-    /// argon2id cost of password hashes.
-    pub password_hashing: crate::auth::PasswordCost,
+    /// argon2id cost of password hashes and the bounds of the hashing pool.
+    pub password_hashing: crate::auth::PasswordHashing,
+    /// Connections: how many, from where, and how long a request may take.
+    pub connections: ConnectionLimits,
+    /// Registrations, logins and sends per address, user or device.
+    pub rate_limits: RateLimits,
+    /// How much may wait in one device's mailbox.
+    pub mailbox: MailboxLimits,
     /// Media: blob store, limits, quotas and retention.
     pub media: MediaConfig,
+}
+
+/// Bounds on connections, so that no one can exhaust the server's file descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionLimits {
+    /// Open connections in all; 0: the process's descriptor limit minus a reserve (a tenth,
+    /// at least 64) for the database, media files and the listener. The log states the figure.
+    pub max_total: usize,
+    /// Open connections from one IPv4 address or one IPv6 /64; 0: no limit. Behind a proxy
+    /// every connection comes from the proxy: limit there and set 0 here.
+    pub max_per_address: usize,
+    /// Seconds a client has to send a request's headers (also between keep-alive requests).
+    pub header_timeout_secs: u64,
+    /// Seconds an API request may take, its body included (media transfers excepted).
+    pub request_timeout_secs: u64,
+    /// Seconds a media upload's body may stall before the request is cut.
+    pub body_idle_secs: u64,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_total: 0,
+            max_per_address: 256,
+            header_timeout_secs: 10,
+            request_timeout_secs: 30,
+            body_idle_secs: 30,
+        }
+    }
+}
+
+/// Rates per address, user or device. A refusal is `rate_limited` with a retry-after. 0 turns
+/// a limit off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// Accounts created per client address (IPv4, or IPv6 /64) per hour.
+    pub registrations_per_hour_per_address: u32,
+    /// Login attempts per client address per minute, whatever the usernames.
+    pub logins_per_minute_per_address: u32,
+    /// Login attempts per (username, address) per minute.
+    pub logins_per_minute_per_user_and_address: u32,
+    /// Login attempts per username per hour from addresses that have not logged in to it
+    /// successfully in the last 30 days (so that no one can lock a user out; SECURITY.md).
+    pub logins_per_hour_per_user: u32,
+    /// Messages one device may send per second, sustained.
+    pub sends_per_second: u32,
+    /// Messages one device may send at once before the sustained rate applies.
+    pub send_burst: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            registrations_per_hour_per_address: 10,
+            logins_per_minute_per_address: 30,
+            logins_per_minute_per_user_and_address: 10,
+            logins_per_hour_per_user: 100,
+            sends_per_second: 20,
+            send_burst: 1024,
+        }
+    }
+}
+
+/// Bounds on what waits for one device. A message that would exceed them is refused with
+/// `mailbox_full` (nothing acknowledged is ever dropped to make room); receipts and group
+/// events still get through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxLimits {
+    pub max_entries: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for MailboxLimits {
+    fn default() -> Self {
+        MailboxLimits {
+            max_entries: 100_000,
+            max_bytes: 256 << 20,
+        }
+    }
 }
 
 /// Where media objects are kept.
@@ -108,10 +194,12 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir: PathBuf::from("tern-data"),
             last_seen_flush_secs: 5,
-            login_attempts_per_minute_per_address: 100,
             sqlite_readers: 4,
             limits: Limits::default(),
-            password_hashing: crate::auth::PasswordCost::default(),
+            password_hashing: crate::auth::PasswordHashing::default(),
+            connections: ConnectionLimits::default(),
+            rate_limits: RateLimits::default(),
+            mailbox: MailboxLimits::default(),
             media: MediaConfig::default(),
         }
     }
@@ -215,11 +303,26 @@ impl Config {
         if l.heartbeat_secs == 0 || l.idle_timeout_secs <= l.heartbeat_secs {
             return bad("limits.idle_timeout_secs must exceed limits.heartbeat_secs (> 0)");
         }
-        if l.login_attempts_per_minute == 0 || self.login_attempts_per_minute_per_address == 0 {
-            return bad("login attempt limits must be positive");
-        }
-        if let Err(e) = self.password_hashing.hasher() {
+        let h = &self.password_hashing;
+        if let Err(e) = h.params() {
             return Err(ConfigError::Invalid(format!("password_hashing: {e}")));
+        }
+        if h.max_waiting == 0 || h.memory_budget_mib == 0 {
+            return bad("password_hashing.max_waiting and memory_budget_mib must be positive");
+        }
+        let c = &self.connections;
+        if c.header_timeout_secs == 0 || c.request_timeout_secs == 0 || c.body_idle_secs == 0 {
+            return bad(
+                "connections.header_timeout_secs, request_timeout_secs and body_idle_secs must be positive",
+            );
+        }
+        if self.rate_limits.sends_per_second > 0 && self.rate_limits.send_burst == 0 {
+            return bad("rate_limits.send_burst must be positive when sends are limited");
+        }
+        if self.mailbox.max_entries == 0 || self.mailbox.max_bytes < l.max_body_bytes as u64 {
+            return bad(
+                "mailbox.max_entries must be positive and mailbox.max_bytes at least limits.max_body_bytes",
+            );
         }
         if self.last_seen_flush_secs == 0 || self.sqlite_readers == 0 {
             return bad("last_seen_flush_secs and sqlite_readers must be positive");

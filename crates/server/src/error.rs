@@ -11,11 +11,17 @@ use tern_proto::frames::{Error as ErrorFrame, ServerFrame, server_frame};
 use tern_proto::http::{ErrorBody, ErrorDetail};
 use tern_store::StoreError;
 
+/// How long a sender is told to wait when a recipient's mailbox is full: the recipient has to
+/// come back online and drain it first, which takes minutes or days, not milliseconds.
+pub const MAILBOX_FULL_RETRY_SECS: u64 = 60;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
-    pub retry_after_secs: Option<u64>,
+    /// How long to wait before retrying: milliseconds in the socket's `Error` frame, whole
+    /// seconds (rounded up) in HTTP's `Retry-After` and `retry_after_secs`.
+    pub retry_after: Option<std::time::Duration>,
     pub missing_devices: Vec<u64>,
     pub extra_devices: Vec<u64>,
 }
@@ -25,7 +31,7 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
-            retry_after_secs: None,
+            retry_after: None,
             missing_devices: Vec::new(),
             extra_devices: Vec::new(),
         }
@@ -33,6 +39,28 @@ impl ApiError {
 
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(ErrorCode::BadRequest, message)
+    }
+
+    /// `rate_limited`, to be retried after `wait`.
+    pub fn rate_limited(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        ApiError {
+            retry_after: Some(wait.max(std::time::Duration::from_millis(1))),
+            ..ApiError::new(ErrorCode::RateLimited, message)
+        }
+    }
+
+    /// `unavailable`, to be retried after `secs`.
+    pub fn busy(message: impl Into<String>, secs: u64) -> Self {
+        ApiError {
+            retry_after: Some(std::time::Duration::from_secs(secs.max(1))),
+            ..ApiError::new(ErrorCode::Unavailable, message)
+        }
+    }
+
+    /// The retry-after in whole seconds, rounded up (HTTP).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+            .map(|d| (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1))
     }
 
     pub fn unauthorized() -> Self {
@@ -50,6 +78,9 @@ impl ApiError {
                 message: self.message.clone(),
                 missing_devices: self.missing_devices.clone(),
                 extra_devices: self.extra_devices.clone(),
+                retry_after_ms: self.retry_after.map_or(0, |d| {
+                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+                }),
             })),
         }
     }
@@ -102,6 +133,15 @@ impl From<StoreError> for ApiError {
                 ErrorCode::LimitReached,
                 format!("at most {n} unclaimed one-time keys per device"),
             ),
+            StoreError::MailboxFull { user, .. } => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(MAILBOX_FULL_RETRY_SECS)),
+                ..ApiError::new(
+                    ErrorCode::MailboxFull,
+                    format!(
+                        "a device of user {user} has too much waiting for it (offline for long); retry later"
+                    ),
+                )
+            },
             StoreError::Closed => {
                 ApiError::new(ErrorCode::Unavailable, "the server is shutting down")
             }
@@ -122,7 +162,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let retry = self.retry_after_secs;
+        let retry = self.retry_after_secs();
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code,

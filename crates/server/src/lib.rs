@@ -4,7 +4,9 @@
 //! Layers, bottom to top:
 //! - [`config`]: the one typed configuration (defaults, TOML file, environment, flags).
 //! - [`error`]: the one place where failures become wire error codes and HTTP statuses.
-//! - [`auth`]: password hashing and access tokens.
+//! - [`auth`]: password hashing (a bounded pool) and access tokens.
+//! - [`ratelimit`]: sign-ups, logins and sends per address, user or device.
+//! - [`net`]: the listener: connection bounds per address and in total, header timeouts.
 //! - [`router`]: which connection holds which device, and live hand-off of mailbox entries.
 //! - [`services`]: messaging (send, ack, read) and presence (last seen), on top of the store
 //!   and the router.
@@ -20,6 +22,8 @@ pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod media;
+pub mod net;
+pub mod ratelimit;
 pub mod router;
 pub mod services;
 

@@ -31,6 +31,9 @@ pub struct Outbox {
     cap: usize,
     inner: Mutex<OutboxInner>,
     notify: Notify,
+    /// Woken only when the outbox is closed: a connection blocked writing to a client that
+    /// stopped reading learns at once that it is a slow consumer.
+    closing: Notify,
 }
 
 #[derive(Default)]
@@ -48,6 +51,7 @@ impl Outbox {
             cap,
             inner: Mutex::new(OutboxInner::default()),
             notify: Notify::new(),
+            closing: Notify::new(),
         })
     }
 
@@ -63,7 +67,8 @@ impl Outbox {
         if inner.closed.is_some() {
             return;
         }
-        if inner.queue.len() >= self.cap {
+        let overflow = inner.queue.len() >= self.cap;
+        if overflow {
             inner.closed = Some(CloseReason::SlowConsumer);
             inner.queue.clear();
             metrics::counter!("tern_slow_consumer_disconnects_total").increment(1);
@@ -72,6 +77,9 @@ impl Outbox {
         }
         drop(inner);
         self.notify.notify_one();
+        if overflow {
+            self.closing.notify_waiters();
+        }
     }
 
     pub fn close(&self, reason: CloseReason) {
@@ -80,6 +88,26 @@ impl Outbox {
             inner.queue.clear();
         }
         self.notify.notify_one();
+        self.closing.notify_waiters();
+    }
+
+    /// Resolves when the outbox is closed, with the reason. Does not take the wake-up that
+    /// [`Outbox::wait`] waits for.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let notified = self.closing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.inner.lock() {
+                Ok(inner) => {
+                    if let Some(reason) = inner.closed {
+                        return reason;
+                    }
+                }
+                Err(_) => return CloseReason::SlowConsumer,
+            }
+            notified.await;
+        }
     }
 
     /// Waits until something was pushed or the outbox was closed.
@@ -223,6 +251,27 @@ mod tests {
         o.push(entry(4));
         o.push(entry(5));
         assert_eq!(o.take(&mut got), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_a_blocked_writer_without_taking_the_queue_wakeup() {
+        let o = Outbox::new(1);
+        let waiter = tokio::spawn({
+            let o = o.clone();
+            async move { o.closed().await }
+        });
+        tokio::task::yield_now().await;
+        o.push(entry(1));
+        o.push(entry(2)); // overflow
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("join");
+        assert_eq!(reason, CloseReason::SlowConsumer);
+        // The main loop's wake-up is still there.
+        tokio::time::timeout(std::time::Duration::from_secs(5), o.wait())
+            .await
+            .expect("queue wake-up kept");
     }
 
     #[test]

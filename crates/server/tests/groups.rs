@@ -465,7 +465,8 @@ async fn per_member_receipts_and_message_info() {
 async fn a_thousand_online_members_all_receive_a_message() {
     const N: usize = 1000;
     let srv =
-        TestServer::start_with(|c| c.login_attempts_per_minute_per_address = 10 * N as u32).await;
+        TestServer::start_with(|c| c.rate_limits.logins_per_minute_per_address = 10 * N as u32)
+            .await;
     let http = srv.http();
     // Accounts, created concurrently.
     let started = std::time::Instant::now();

@@ -114,7 +114,8 @@ async fn accounts_errors_are_typed_and_change_nothing() {
 
 #[tokio::test]
 async fn login_attempts_are_rate_limited() {
-    let srv = TestServer::start_with(|c| c.limits.login_attempts_per_minute = 3).await;
+    let srv =
+        TestServer::start_with(|c| c.rate_limits.logins_per_minute_per_user_and_address = 3).await;
     let http = srv.http();
     http.account("erin").await; // one attempt
     for _ in 0..2 {

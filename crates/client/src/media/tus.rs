@@ -53,6 +53,9 @@ impl MediaHttp {
     pub fn new(base: &str, timeout: Duration) -> Result<MediaHttp, Error> {
         let client = reqwest::Client::builder()
             .connect_timeout(timeout)
+            // Below the server's header timeout (10 s by default), which closes idle
+            // keep-alive connections: a request must not go out on one being closed.
+            .pool_idle_timeout(Duration::from_secs(5))
             .read_timeout(timeout)
             .build()
             .map_err(|e| Error::Network(format!("cannot build HTTP client: {e}")))?;

@@ -16,6 +16,7 @@ mod render;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::net::ConnControl;
 use crate::router::{CloseReason, Outbox};
 use cursor::{Cursor, Next};
 
@@ -55,7 +57,16 @@ pub mod close {
 /// tungstenite's read chunk per connection (module docs).
 const READ_BUFFER: usize = 768;
 
-pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+/// How long the server tries to deliver a close frame. A client that has stopped reading
+/// (a slow consumer, typically) has full buffers and would never take it: after this the
+/// connection is reset instead (PROTOCOL.md §3).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    control: Option<Extension<ConnControl>>,
+    ws: WebSocketUpgrade,
+) -> Response {
     if state.shutdown.is_cancelled() {
         return ApiError::new(ErrorCode::Unavailable, "the server is shutting down")
             .into_response();
@@ -66,7 +77,9 @@ pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Res
         .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(connection(socket, state)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(connection(socket, state, control.map(|c| c.0)))
+        })
 }
 
 /// Why the main loop ended.
@@ -74,9 +87,23 @@ enum End {
     Close(u16, &'static str),
     /// The peer closed or the socket broke: nothing more to send.
     Gone,
+    /// A write did not complete in `send_timeout_secs`: the peer stopped reading.
+    Stalled,
 }
 
 type SendResult = Result<(), End>;
+
+/// How a connection whose outbox was closed ends.
+fn closed_end(reason: CloseReason) -> End {
+    match reason {
+        CloseReason::SlowConsumer => End::Close(close::SLOW_CONSUMER, "slow consumer; reconnect"),
+        CloseReason::Revoked => End::Close(close::UNAUTHORIZED, "device removed"),
+        CloseReason::Replaced => End::Close(
+            close::REPLACED,
+            "a newer connection of this device took over",
+        ),
+    }
+}
 
 /// Writes one frame. Used for the handshake, where the read timeout bounds the exchange.
 async fn send_frame(socket: &mut WebSocket, frame: &ServerFrame) -> SendResult {
@@ -86,23 +113,35 @@ async fn send_frame(socket: &mut WebSocket, frame: &ServerFrame) -> SendResult {
         .map_err(|_| End::Gone)
 }
 
-async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        })))
-        .await;
+/// Sends a close frame within [`CLOSE_TIMEOUT`]; if it cannot be written by then, the
+/// connection is reset when the socket is dropped.
+async fn close_with(
+    socket: &mut WebSocket,
+    control: Option<&ConnControl>,
+    code: u16,
+    reason: &'static str,
+) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    let sent = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(frame)).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        metrics::counter!("tern_connection_resets_total").increment(1);
+        if let Some(c) = control {
+            c.reset_on_close();
+        }
+    }
 }
 
-async fn connection(mut socket: WebSocket, state: AppState) {
+async fn connection(mut socket: WebSocket, state: AppState, control: Option<ConnControl>) {
     // The handshake, the drain and request handling are boxed: they run briefly, and inline
     // they would make every idle connection's task as large as their largest state (measured:
     // 3,000 bytes per connection future before, see BENCHMARKS.md).
     let who = match Box::pin(handshake(&mut socket, &state)).await {
         Ok(who) => who,
         Err((code, reason)) => {
-            close_with(&mut socket, code, reason).await;
+            close_with(&mut socket, control.as_ref(), code, reason).await;
             return;
         }
     };
@@ -127,8 +166,15 @@ async fn connection(mut socket: WebSocket, state: AppState) {
         .router
         .unregister(who.user_id, who.device_id, outbox.id());
     state.presence.touch(who.user_id, who.device_id);
-    if let End::Close(code, reason) = end {
-        close_with(&mut socket, code, reason).await;
+    match end {
+        End::Close(code, reason) => close_with(&mut socket, control.as_ref(), code, reason).await,
+        // Gone after a write timed out: the peer is not reading; drop it for good.
+        End::Stalled => {
+            if let Some(c) = &control {
+                c.reset_on_close();
+            }
+        }
+        End::Gone => {}
     }
     tracing::debug!(device_id = who.device_id, "connection closed");
 }
@@ -361,14 +407,21 @@ impl Conn<'_> {
 
     /// Writes one frame, giving up after `send_timeout_secs`: a client that stopped reading
     /// is dropped (its mailbox keeps everything) rather than holding this task forever.
+    ///
+    /// While a write is blocked (the client's buffers are full), an overflowing outbox ends it
+    /// at once as a slow consumer instead of after the timeout.
     async fn send(&mut self, frame: &ServerFrame) -> SendResult {
         let limit = Duration::from_secs(self.state.config.limits.send_timeout_secs.into());
-        match tokio::time::timeout(limit, send_frame(self.socket, frame)).await {
-            Ok(result) => result,
-            Err(_) => {
-                metrics::counter!("tern_send_timeouts_total").increment(1);
-                Err(End::Gone)
-            }
+        tokio::select! {
+            biased;
+            written = tokio::time::timeout(limit, send_frame(self.socket, frame)) => match written {
+                Ok(result) => result,
+                Err(_) => {
+                    metrics::counter!("tern_send_timeouts_total").increment(1);
+                    Err(End::Stalled)
+                }
+            },
+            reason = self.outbox.closed() => Err(closed_end(reason)),
         }
     }
 
@@ -382,16 +435,7 @@ impl Conn<'_> {
     /// Forwards queued live entries in mailbox order, filling gaps from the store.
     async fn forward_live(&mut self, buf: &mut Vec<MailboxEntry>) -> SendResult {
         if let Some(reason) = self.outbox.take(buf) {
-            return Err(match reason {
-                CloseReason::SlowConsumer => {
-                    End::Close(close::SLOW_CONSUMER, "slow consumer; reconnect")
-                }
-                CloseReason::Revoked => End::Close(close::UNAUTHORIZED, "device removed"),
-                CloseReason::Replaced => End::Close(
-                    close::REPLACED,
-                    "a newer connection of this device took over",
-                ),
-            });
+            return Err(closed_end(reason));
         }
         // Entries of one commit come in order, but commits may race to the router.
         buf.sort_unstable_by_key(|e| e.mseq);

@@ -13,37 +13,44 @@ use tern_proto::validate;
 
 use super::{ApiJson, Authed};
 use crate::app::AppState;
-use crate::auth;
+use crate::auth::{self, HashError};
 use crate::error::ApiError;
 use crate::router::CloseReason;
 
-/// Runs argon2 off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error; retry later"))
+/// Password hashing's refusals as API errors: a full pool is `unavailable` with a short
+/// retry-after (the queue drains in well under a second per waiting place).
+fn hashing_error(e: HashError) -> ApiError {
+    match e {
+        HashError::Busy => ApiError::busy("the server is busy; retry in a moment", 1),
+        HashError::Failed(m) => {
+            tracing::error!(error = %m, "password hashing failed");
+            ApiError::new(ErrorCode::Internal, "internal error; retry later")
+        }
+    }
 }
 
 pub async fn register(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let username = req.username.trim().to_ascii_lowercase();
     validate::username(&username).map_err(ApiError::bad_request)?;
     validate::password(&req.password, &username).map_err(ApiError::bad_request)?;
+    if let Err(wait) = state.rate_limits.registration(peer.ip()) {
+        return Err(ApiError::rate_limited(
+            "too many accounts created from this address; retry later",
+            wait,
+        ));
+    }
     if state.store.user_by_name(&username).await?.is_some() {
         return Err(ApiError::new(ErrorCode::Conflict, "username is taken"));
     }
-    let password = req.password;
-    let cost = state.config.password_hashing;
-    let hash = blocking(move || auth::hash_password(&password, cost))
-        .await?
-        .map_err(|e| {
-            tracing::error!(error = %e, "password hashing failed");
-            ApiError::new(ErrorCode::Internal, "internal error; retry later")
-        })?;
+    let hash = state
+        .passwords
+        .hash(req.password)
+        .await
+        .map_err(hashing_error)?;
     let user_id = state
         .store
         .create_user(&username, &hash, state.clock.now_ms())
@@ -53,16 +60,6 @@ pub async fn register(
         StatusCode::CREATED,
         Json(RegisterResponse { user_id, username }),
     ))
-}
-
-fn rate_limited(secs: u64) -> ApiError {
-    ApiError {
-        retry_after_secs: Some(secs.max(1)),
-        ..ApiError::new(
-            ErrorCode::RateLimited,
-            "too many login attempts; retry later",
-        )
-    }
 }
 
 pub async fn login(
@@ -85,29 +82,22 @@ pub async fn login(
             "wrong username or password",
         ));
     }
-    let clock = governor::clock::DefaultClock::default();
-    for check in [
-        state
-            .login_by_addr
-            .check_key(&peer.ip())
-            .map_err(|n| n.wait_time_from(governor::clock::Clock::now(&clock))),
-        state
-            .login_by_user
-            .check_key(&username)
-            .map_err(|n| n.wait_time_from(governor::clock::Clock::now(&clock))),
-    ] {
-        if let Err(wait) = check {
-            metrics::counter!("tern_login_rate_limited_total").increment(1);
-            return Err(rate_limited(wait.as_secs() + 1));
-        }
+    if let Err(wait) = state.rate_limits.login(&username, peer.ip()) {
+        return Err(ApiError::rate_limited(
+            "too many login attempts; retry later",
+            wait,
+        ));
     }
     let user = state.store.user_by_name(&username).await?;
     let (hash, user) = match user {
         Some(u) => (u.password_hash.clone(), Some(u)),
         None => (state.decoy_hash.to_string(), None),
     };
-    let password = req.password;
-    let ok = blocking(move || auth::verify_password(&password, &hash)).await?;
+    let ok = state
+        .passwords
+        .verify(req.password, hash)
+        .await
+        .map_err(hashing_error)?;
     let user = match (ok, user) {
         (true, Some(u)) => u,
         _ => {
@@ -118,6 +108,7 @@ pub async fn login(
             ));
         }
     };
+    state.rate_limits.login_succeeded(&username, peer.ip());
     let token = auth::new_token();
     let device_id = state
         .store

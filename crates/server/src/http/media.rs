@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::time::Duration;
 use tern_proto::ErrorCode;
 use tern_proto::http::MediaObject;
 use tern_store::MediaGrant;
@@ -156,7 +157,10 @@ pub async fn put(
                 .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?,
         ),
     };
-    let body = req.into_body().into_data_stream();
+    let body = super::body_stream(
+        req.into_body(),
+        Duration::from_secs(state.config.connections.body_idle_secs),
+    );
     let grant = state.media.put(who.user_id, hash, length, body).await?;
     let status = if grant.created {
         StatusCode::CREATED

@@ -12,15 +12,74 @@ mod users;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, head, options, post, put};
+use std::time::Duration;
 
 use crate::app::AppState;
 
 pub use extract::{ApiJson, Authed};
 
+/// A media body as the media service reads it: each chunk must arrive within `idle`, or the
+/// stream ends with an error (the service keeps what arrived, which is the tus resume point).
+pub fn body_stream(
+    body: axum::body::Body,
+    idle: Duration,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin {
+    let stream = body.into_data_stream();
+    Box::pin(futures_util::stream::unfold(
+        Some(stream),
+        move |stream| async move {
+            let mut stream = stream?;
+            match tokio::time::timeout(idle, futures_util::StreamExt::next(&mut stream)).await {
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(stream))),
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+                Ok(None) => None,
+                Err(_) => {
+                    metrics::counter!("tern_http_timeouts_total", "what" => "body").increment(1);
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the body stalled",
+                        )),
+                        None,
+                    ))
+                }
+            }
+        },
+    ))
+}
+
+/// Ends an API request that takes longer than `connections.request_timeout_secs`, body
+/// included, with `request_timeout` (a client dripping its body cannot hold a handler).
+async fn request_timeout(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let limit = Duration::from_secs(state.config.connections.request_timeout_secs);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            metrics::counter!("tern_http_timeouts_total", "what" => "request").increment(1);
+            let mut resp = crate::error::ApiError::new(
+                tern_proto::ErrorCode::RequestTimeout,
+                "the request took too long",
+            )
+            .into_response();
+            // The rest of a slow body must not be read as the next request.
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.limits.max_http_body_bytes;
-    Router::new()
+    let api = Router::new()
         .route("/v1/accounts", post(accounts::register))
         .route("/v1/sessions", post(accounts::login))
         .route("/v1/sessions/current", delete(accounts::logout))
@@ -49,6 +108,12 @@ pub fn router(state: AppState) -> Router {
             put(groups::promote).delete(groups::demote),
         )
         .route("/v1/groups/{id}/messages/{seq}", get(groups::message_info))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
+        ));
+    Router::new()
+        .merge(api)
         .merge(
             Router::new()
                 .route(

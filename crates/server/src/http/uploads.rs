@@ -192,7 +192,10 @@ pub async fn patch(
     let offset = header_u64(headers, &UPLOAD_OFFSET)?
         .ok_or_else(|| ApiError::bad_request("Upload-Offset is required"))?;
     let checksum = checksum(headers)?;
-    let body = req.into_body().into_data_stream();
+    let body = super::body_stream(
+        req.into_body(),
+        Duration::from_secs(state.config.connections.body_idle_secs),
+    );
     let done = state
         .media
         .append(who.user_id, &id, offset, body, checksum)

@@ -7,9 +7,12 @@ use std::sync::Arc;
 
 use tern_proto::frames::{self, peer};
 use tern_proto::{ErrorCode, Limits, validate};
-use tern_store::{AddressedDevice, DeviceAuth, NewMessage, PostOutcome, Store, Target};
+use tern_store::{
+    AddressedDevice, DeviceAuth, MailboxLimit, NewMessage, PostOutcome, Store, Target,
+};
 
 use crate::error::ApiError;
+use crate::ratelimit::RateLimits;
 use crate::router::Router;
 use crate::services::Clock;
 
@@ -17,7 +20,9 @@ pub struct Messaging {
     store: Arc<dyn Store>,
     router: Arc<dyn Router>,
     clock: Arc<dyn Clock>,
+    rate_limits: Arc<RateLimits>,
     limits: Limits,
+    mailbox: MailboxLimit,
 }
 
 /// The answer to a successful send.
@@ -41,13 +46,17 @@ impl Messaging {
         store: Arc<dyn Store>,
         router: Arc<dyn Router>,
         clock: Arc<dyn Clock>,
+        rate_limits: Arc<RateLimits>,
         limits: Limits,
+        mailbox: MailboxLimit,
     ) -> Self {
         Messaging {
             store,
             router,
             clock,
+            rate_limits,
             limits,
+            mailbox,
         }
     }
 
@@ -88,12 +97,15 @@ impl Messaging {
             body: send.body,
             devices,
             now_ms: self.clock.now_ms(),
+            mailbox: self.mailbox,
         })
     }
 
     /// Validates and stores several messages of one device, in order, in one store call (so
     /// they share one commit), then hands them to connected devices. One answer per message:
-    /// a refused message does not affect the others.
+    /// a refused message does not affect the others — except the device's send rate: once
+    /// one message is refused for it, the rest of the batch is too, so that a device's
+    /// messages keep the order it sent them in when it retries.
     pub async fn send_many(
         &self,
         who: &DeviceAuth,
@@ -102,7 +114,20 @@ impl Messaging {
         let mut answers: Vec<Option<Result<SendReceipt, ApiError>>> =
             Vec::with_capacity(sends.len());
         let mut posts = Vec::with_capacity(sends.len());
+        let mut throttled: Option<ApiError> = None;
         for send in sends {
+            if throttled.is_none()
+                && let Err(wait) = self.rate_limits.send(who.device_id)
+            {
+                throttled = Some(ApiError::rate_limited(
+                    "this device is sending too fast; retry later",
+                    wait,
+                ));
+            }
+            if let Some(e) = &throttled {
+                answers.push(Some(Err(e.clone())));
+                continue;
+            }
             match self.validate(who, send) {
                 Ok(post) => {
                     posts.push(post);

@@ -42,11 +42,24 @@ impl TestServer {
         };
         config.last_seen_flush_secs = 1;
         // Tests are not about password cost: keep argon2id cheap so that many accounts are quick.
-        config.password_hashing = tern_server::auth::PasswordCost {
+        config.password_hashing = tern_server::auth::PasswordHashing {
             memory_kib: 64,
             iterations: 1,
             parallelism: 1,
+            max_waiting: 4096,
+            ..Default::default()
         };
+        // Tests create many accounts, devices and connections from 127.0.0.1 and send in
+        // bursts; the abuse limits are tested where they are the subject (tests/abuse.rs).
+        config.rate_limits = tern_server::config::RateLimits {
+            registrations_per_hour_per_address: 0,
+            logins_per_minute_per_address: 0,
+            logins_per_minute_per_user_and_address: 0,
+            logins_per_hour_per_user: 0,
+            sends_per_second: 0,
+            send_burst: 0,
+        };
+        config.connections.max_per_address = 0;
         tweak(&mut config);
         let state = AppState::build(config).expect("state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -85,7 +98,7 @@ impl TestServer {
     pub fn http(&self) -> Http {
         Http {
             base: self.url(),
-            client: reqwest::Client::new(),
+            client: client(),
         }
     }
 }
@@ -369,6 +382,15 @@ pub struct Ternd {
     pub addr: SocketAddr,
 }
 
+/// Settings that lift the per-address and per-device limits for tests whose load all comes
+/// from 127.0.0.1 (the limits themselves are tested in tests/abuse.rs).
+pub const LIFTED: &[&str] = &[
+    "rate_limits.registrations_per_hour_per_address=0",
+    "rate_limits.logins_per_minute_per_address=0",
+    "rate_limits.sends_per_second=0",
+    "connections.max_per_address=0",
+];
+
 /// Starts `ternd serve` on a free port and reads the bound address from its log.
 pub fn spawn_ternd(data_dir: &std::path::Path) -> Ternd {
     spawn_ternd_logging(data_dir, "info", None)
@@ -380,10 +402,24 @@ pub fn spawn_ternd_logging(
     level: &str,
     log: Option<&std::path::Path>,
 ) -> Ternd {
+    spawn_ternd_with(data_dir, level, log, LIFTED)
+}
+
+/// Starts `ternd serve` with `--set` for each of `settings` (and nothing lifted).
+pub fn spawn_ternd_with(
+    data_dir: &std::path::Path,
+    level: &str,
+    log: Option<&std::path::Path>,
+    settings: &[&str],
+) -> Ternd {
     let mut log = log.map(|p| std::fs::File::create(p).expect("log file"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternd"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir);
+    for s in settings {
+        cmd.args(["--set", s]);
+    }
+    let mut child = cmd
         .env("TERN_LOG", level)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
@@ -427,8 +463,17 @@ impl Drop for Ternd {
 pub fn http_for(addr: SocketAddr) -> Http {
     Http {
         base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
+        client: client(),
     }
+}
+
+/// An HTTP client whose idle connections are dropped before the server's header timeout
+/// closes them (a request sent on a connection the server is closing fails).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
 }
 
 #[cfg(feature = "s3")]
