@@ -55,8 +55,10 @@ pub fn descriptor_limit() -> Option<u64> {
     soft.parse().ok()
 }
 
-/// The total connection bound: the configured one, or the descriptor limit minus a reserve of
-/// a tenth (at least 64) for the database, media files, the listener and the logs.
+/// The total connection bound: the descriptor limit minus a reserve of a tenth (at least 64)
+/// for the database, media files, the listener and the logs; or the configured one, which is
+/// honoured even above that (with a warning: accepting may then fail for lack of descriptors,
+/// which the accept loop survives).
 pub fn total_bound(configured: usize, descriptors: Option<u64>) -> usize {
     let Some(limit) = descriptors else {
         return if configured == 0 { 10_000 } else { configured };
@@ -65,16 +67,17 @@ pub fn total_bound(configured: usize, descriptors: Option<u64>) -> usize {
     let room = limit.saturating_sub(reserve).max(1) as usize;
     match configured {
         0 => room,
-        n if n > room => {
-            tracing::warn!(
-                configured = n,
-                descriptors = limit,
-                using = room,
-                "connections.max_total exceeds the descriptor limit; lowered"
-            );
-            room
+        n => {
+            if n > room {
+                tracing::warn!(
+                    configured = n,
+                    descriptors = limit,
+                    advised = room,
+                    "connections.max_total leaves no reserve below the descriptor limit"
+                );
+            }
+            n
         }
-        n => n,
     }
 }
 
@@ -445,7 +448,11 @@ mod tests {
         assert_eq!(total_bound(0, Some(20_000)), 18_000);
         assert_eq!(total_bound(0, Some(256)), 192);
         assert_eq!(total_bound(5_000, Some(20_000)), 5_000);
-        assert_eq!(total_bound(50_000, Some(20_000)), 18_000);
+        assert_eq!(
+            total_bound(50_000, Some(20_000)),
+            50_000,
+            "the operator's choice"
+        );
         assert_eq!(total_bound(0, None), 10_000);
     }
 

@@ -101,6 +101,18 @@ impl TestServer {
             client: client(),
         }
     }
+
+    /// An HTTP client whose connections come from the local address `from`.
+    pub fn http_from(&self, from: std::net::IpAddr) -> Http {
+        Http {
+            base: self.url(),
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(5))
+                .local_address(from)
+                .build()
+                .expect("client"),
+        }
+    }
 }
 
 impl Drop for TestServer {
@@ -126,6 +138,17 @@ impl Http {
             req = req.bearer_auth(t);
         }
         Self::answer(req.send().await.expect("request")).await
+    }
+
+    /// A GET whose answer is text (metrics).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request");
+        (r.status().as_u16(), r.text().await.expect("text"))
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
@@ -240,6 +263,18 @@ impl Raw {
     pub async fn open_small_buffer(addr: SocketAddr) -> Raw {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(8 * 1024).expect("buffer size");
+        let stream = socket.connect(addr).await.expect("connect");
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/v1/ws"), stream)
+            .await
+            .expect("handshake");
+        Raw { ws, next_id: 1 }
+    }
+
+    /// Like `open`, from the local address `from` (any of 127.0.0.0/8 on loopback).
+    pub async fn open_from(addr: SocketAddr, from: std::net::IpAddr) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::new(from, 0)).expect("bind");
         let stream = socket.connect(addr).await.expect("connect");
         let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
         let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/v1/ws"), stream)
@@ -412,13 +447,24 @@ pub fn spawn_ternd_with(
     log: Option<&std::path::Path>,
     settings: &[&str],
 ) -> Ternd {
-    let mut log = log.map(|p| std::fs::File::create(p).expect("log file"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternd"));
+    ternd_args(&mut cmd, data_dir, settings);
+    spawn_ternd_command(cmd, level, log)
+}
+
+/// The arguments of `ternd serve` on a free port in `data_dir`, with `--set` for each setting.
+pub fn ternd_args(cmd: &mut Command, data_dir: &std::path::Path, settings: &[&str]) {
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir);
     for s in settings {
         cmd.args(["--set", s]);
     }
+}
+
+/// Starts `cmd` (which runs `ternd serve`, perhaps through a wrapper) and reads the bound
+/// address from its log.
+pub fn spawn_ternd_command(mut cmd: Command, level: &str, log: Option<&std::path::Path>) -> Ternd {
+    let mut log = log.map(|p| std::fs::File::create(p).expect("log file"));
     let mut child = cmd
         .env("TERN_LOG", level)
         .env("NO_COLOR", "1")
