@@ -629,3 +629,87 @@ async fn a_slow_consumer_is_cut_within_a_second_or_two() {
     let (_, _, events) = Raw::connect(srv.addr, &tb).await;
     assert_eq!(events.len(), N, "nothing lost");
 }
+
+/// Reads from `tcp` until the server closes it (bounded); returns what it said.
+async fn read_to_close(tcp: &mut TcpStream, within: Duration) -> String {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(within, tcp.read_to_end(&mut got))
+        .await
+        .expect("the server ends the request in time");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_are_cut_and_an_upload_keeps_what_arrived() {
+    let srv = TestServer::start_with(|c| {
+        c.connections.request_timeout_secs = 1;
+        c.connections.body_idle_secs = 1;
+    })
+    .await;
+    // A JSON body dripped a byte at a time: 408 within the request timeout, then closed.
+    let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
+    tcp.write_all(
+        b"POST /v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{",
+    )
+    .await
+    .expect("head");
+    let dripping = tokio::spawn(async move {
+        for b in b"\"username\": \"slowpoke\", " {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if tcp.write_all(&[*b]).await.is_err() {
+                break;
+            }
+        }
+        tcp
+    });
+    let started = Instant::now();
+    let mut tcp = dripping.await.expect("drip");
+    let answer = read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+
+    // A media upload whose body stalls: cut after the idle time, keeping what arrived.
+    let http = srv.http();
+    let (_, _, token) = http.account("alice").await;
+    let created = http
+        .client
+        .post(format!("{}/v1/uploads", srv.url()))
+        .bearer_auth(&token)
+        .header("Tus-Resumable", "1.0.0")
+        .header("Upload-Length", "1000")
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status().as_u16(), 201);
+    let path = created.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: 1000\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(&[1u8; 400]).await.expect("400 bytes");
+    let stalled = Instant::now();
+    let answer = read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    eprintln!(
+        "stalled upload ended after {:?}: {}",
+        stalled.elapsed(),
+        answer.lines().next().unwrap_or("(closed)")
+    );
+    let offset = http
+        .client
+        .head(format!("{}{path}", srv.url()))
+        .bearer_auth(&token)
+        .header("Tus-Resumable", "1.0.0")
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(
+        offset.headers()["upload-offset"].to_str().expect("offset"),
+        "400",
+        "resume where it stalled"
+    );
+}
