@@ -9,7 +9,6 @@
 //! passwords is at most `workers × memory_kib` whatever the load; a request that finds the
 //! queue full is refused at once with `unavailable` and a retry-after instead of waiting.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
@@ -17,7 +16,8 @@ use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
 
 /// argon2id cost and the bounds of the hashing pool. The cost defaults are the argon2 crate's
 /// (OWASP's first recommendation: 19 MiB, 2 passes, 1 lane); lower them only for tests.
@@ -101,7 +101,9 @@ struct Job {
 
 /// The bounded pool of argon2 workers (module docs).
 pub struct PasswordHasher {
-    jobs: SyncSender<Job>,
+    /// Bounded, and allocated as it fills (a `std` sync channel would allocate every waiting
+    /// place up front: 64 MB for a million).
+    jobs: mpsc::Sender<Job>,
     workers: usize,
 }
 
@@ -110,7 +112,7 @@ impl PasswordHasher {
     pub fn start(config: &PasswordHashing) -> Result<PasswordHasher, String> {
         let params = config.params()?;
         let workers = config.effective_workers();
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(config.max_waiting);
+        let (jobs, queue) = mpsc::channel::<Job>(config.max_waiting);
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..workers {
             let (queue, params) = (queue.clone(), params.clone());
@@ -140,7 +142,7 @@ impl PasswordHasher {
                 metrics::counter!("tern_password_hashing_refused_total").increment(1);
                 return Err(HashError::Busy);
             }
-            Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Closed(_)) => {
                 return Err(HashError::Failed("the hashing pool stopped".into()));
             }
         }
@@ -167,14 +169,14 @@ impl PasswordHasher {
 }
 
 /// One worker: takes jobs until the hasher is dropped, reusing its memory buffer.
-fn worker(queue: &Mutex<Receiver<Job>>, params: &Params) {
+fn worker(queue: &Mutex<mpsc::Receiver<Job>>, params: &Params) {
     let mut memory: Vec<Block> = Vec::new();
     loop {
         let job = {
-            let Ok(queue) = queue.lock() else { return };
-            match queue.recv() {
-                Ok(job) => job,
-                Err(_) => return,
+            let Ok(mut queue) = queue.lock() else { return };
+            match queue.blocking_recv() {
+                Some(job) => job,
+                None => return,
             }
         };
         // The caller gave up (its request ended): skip the work.
