@@ -141,7 +141,7 @@ async fn connection(mut socket: WebSocket, state: AppState, control: Option<Conn
     let who = match Box::pin(handshake(&mut socket, &state)).await {
         Ok(who) => who,
         Err((code, reason)) => {
-            close_with(&mut socket, control.as_ref(), code, reason).await;
+            Box::pin(close_with(&mut socket, control.as_ref(), code, reason)).await;
             return;
         }
     };
@@ -167,7 +167,9 @@ async fn connection(mut socket: WebSocket, state: AppState, control: Option<Conn
         .unregister(who.user_id, who.device_id, outbox.id());
     state.presence.touch(who.user_id, who.device_id);
     match end {
-        End::Close(code, reason) => close_with(&mut socket, control.as_ref(), code, reason).await,
+        End::Close(code, reason) => {
+            Box::pin(close_with(&mut socket, control.as_ref(), code, reason)).await
+        }
         // Gone after a write timed out: the peer is not reading; drop it for good.
         End::Stalled => {
             if let Some(c) = &control {
@@ -272,7 +274,7 @@ impl Conn<'_> {
                 up_to: self.cursor.sent(),
             })),
         };
-        if let Err(end) = self.send(&synced).await {
+        if let Err(end) = Box::pin(self.send(&synced)).await {
             return end;
         }
         let idle = Duration::from_secs(self.state.config.limits.idle_timeout_secs.into());
