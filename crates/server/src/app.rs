@@ -182,8 +182,10 @@ pub async fn run(
     let stop = state.shutdown.clone();
     let caller = shutdown.clone();
     tokio::spawn(async move {
-        caller.cancelled().await;
-        stop.cancel();
+        tokio::select! {
+            _ = caller.cancelled() => stop.cancel(),
+            _ = stop.cancelled() => {}
+        }
     });
     let app = crate::http::router(state.clone());
     crate::net::serve(

@@ -158,6 +158,14 @@ impl ConnLimiter {
     pub fn open(&self) -> usize {
         self.inner.lock().map(|c| c.total).unwrap_or(0)
     }
+
+    /// Open connections counted under `ip`'s key.
+    pub fn open_from(&self, ip: IpAddr) -> usize {
+        self.inner
+            .lock()
+            .map(|c| c.per_address.get(&address_key(ip)).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
 }
 
 /// A connection's place; given back when the socket is dropped.
@@ -433,6 +441,7 @@ mod tests {
         assert_eq!(l.try_acquire(b).err(), Some(Refusal::Total));
         drop(p1);
         assert_eq!(l.open(), 2);
+        assert_eq!((l.open_from(a), l.open_from(b)), (1, 1));
         let _p4 = l.try_acquire(a).expect("a place came back");
         drop((p2, p3));
         assert_eq!(l.open(), 1);

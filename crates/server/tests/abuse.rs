@@ -214,7 +214,7 @@ async fn silent_and_dripping_connections_are_shed_while_others_chat() {
         async move {
             let mut most = 0;
             while !stop.is_cancelled() {
-                most = most.max(limits.open());
+                most = most.max(limits.open_from(lo(1)));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             most
@@ -274,19 +274,21 @@ async fn silent_and_dripping_connections_are_shed_while_others_chat() {
     let most_open = sampler.await.expect("sampler");
     // A connection the client believes open but that the server never accepted (its accept
     // queue overflowed in the burst) costs the server no descriptor; every one it accepted
-    // was refused or shed. What is left open now is the two chatting sockets.
-    let open_now = limits.open();
+    // was refused or shed. (One the client gave up on may be accepted just then and closed
+    // at once.)
+    let mut open_now = limits.open_from(lo(1));
+    for _ in 0..100 {
+        if open_now == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        open_now = limits.open_from(lo(1));
+    }
     eprintln!(
-        "server side: at most {most_open} connections open; {open_now} at the end; {held} never accepted"
+        "server side: at most {most_open} connections from the attacker open; {open_now} at the end; {held} never accepted"
     );
-    assert!(
-        most_open <= 50 + 4,
-        "the per-address bound held: {most_open}"
-    );
-    assert!(
-        open_now <= 4,
-        "every attacking connection is gone: {open_now}"
-    );
+    assert!(most_open <= 50, "the per-address bound held: {most_open}");
+    assert_eq!(open_now, 0, "every attacking connection is gone");
     let slowest = shed.iter().max().copied().unwrap_or_default();
     eprintln!(
         "3000 attacking connections: {refused} refused at once, {} shed (slowest after {slowest:?}); sign-up, 2 connects and 20 messages from another address took {chatted:?}",
@@ -297,7 +299,7 @@ async fn silent_and_dripping_connections_are_shed_while_others_chat() {
         "most are over the per-address bound: {refused}"
     );
     assert!(
-        slowest <= Duration::from_secs(HEADER_TIMEOUT + 3),
+        slowest <= Duration::from_secs(HEADER_TIMEOUT + 4),
         "shed within the header timeout: {slowest:?}"
     );
     let (_, metrics) = srv.http_from(lo(2)).get_text("/metrics").await;
@@ -592,7 +594,7 @@ async fn a_full_mailbox_refuses_sends_until_it_drains() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_consumer_is_cut_within_a_second_or_two() {
+async fn a_client_that_stops_reading_is_cut_at_once_and_loses_nothing() {
     // A write timeout of a minute: only the overflow can end bob's connection quickly.
     let srv = TestServer::start_with(|c| {
         c.limits.outbound_queue = 8;

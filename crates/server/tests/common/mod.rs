@@ -263,18 +263,18 @@ impl Raw {
     pub async fn open_small_buffer(addr: SocketAddr) -> Raw {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(8 * 1024).expect("buffer size");
-        let stream = socket.connect(addr).await.expect("connect");
-        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/v1/ws"), stream)
-            .await
-            .expect("handshake");
-        Raw { ws, next_id: 1 }
+        Raw::open_on(addr, socket).await
     }
 
     /// Like `open`, from the local address `from` (any of 127.0.0.0/8 on loopback).
     pub async fn open_from(addr: SocketAddr, from: std::net::IpAddr) -> Raw {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.bind(SocketAddr::new(from, 0)).expect("bind");
+        Raw::open_on(addr, socket).await
+    }
+
+    /// Connects `socket` to the server and upgrades to the WebSocket.
+    async fn open_on(addr: SocketAddr, socket: tokio::net::TcpSocket) -> Raw {
         let stream = socket.connect(addr).await.expect("connect");
         let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
         let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/v1/ws"), stream)
