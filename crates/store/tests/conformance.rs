@@ -499,6 +499,22 @@ fn new_group(creator: &DeviceAuth, members: &[UserId]) -> NewGroup {
     }
 }
 
+/// alice (the owner), bob and carol, one device each, in a new group (seq 1: CREATED).
+async fn three_in_a_group(
+    s: &dyn Store,
+) -> (Vec<DeviceAuth>, Vec<DeviceAuth>, Vec<DeviceAuth>, GroupId) {
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let carol = user(s, "carol", 1).await;
+    let gid = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id, carol[0].user_id]))
+        .await
+        .expect("create")
+        .group
+        .id;
+    (alice, bob, carol, gid)
+}
+
 fn group_post(sender: &DeviceAuth, group: GroupId, id: &str) -> NewMessage {
     NewMessage {
         sender: sender.clone(),
@@ -832,15 +848,7 @@ async fn group_rights_and_limits(f: Fixture) {
 
 async fn group_receipts_and_message_info(f: Fixture) {
     let s = &*f.store;
-    let alice = user(s, "alice", 1).await;
-    let bob = user(s, "bob", 1).await;
-    let carol = user(s, "carol", 1).await;
-    let gid = s
-        .create_group(new_group(&alice[0], &[bob[0].user_id, carol[0].user_id]))
-        .await
-        .expect("create")
-        .group
-        .id;
+    let (alice, bob, carol, gid) = three_in_a_group(s).await;
     s.post_message(group_post(&alice[0], gid, "m"))
         .await
         .expect("post"); // seq 2
@@ -1382,15 +1390,7 @@ async fn mailbox_byte_bound_refuses_and_stores_nothing(f: Fixture) {
 
 async fn group_send_to_a_full_mailbox_is_refused_whole(f: Fixture) {
     let s = &*f.store;
-    let alice = user(s, "alice", 1).await;
-    let bob = user(s, "bob", 1).await;
-    let carol = user(s, "carol", 1).await;
-    let gid = s
-        .create_group(new_group(&alice[0], &[bob[0].user_id, carol[0].user_id]))
-        .await
-        .expect("create")
-        .group
-        .id;
+    let (alice, bob, carol, gid) = three_in_a_group(s).await;
     let send = |id: &str| bounded(group_post(&alice[0], gid, id), 2, u64::MAX);
     s.post_message(send("g1")).await.expect("post"); // seq 2
     // Bob's device empties its mailbox; carol's holds the CREATED event and g1: full at 2.
