@@ -145,7 +145,24 @@ impl From<StoreError> for ApiError {
             StoreError::Closed => {
                 ApiError::new(ErrorCode::Unavailable, "the server is shutting down")
             }
-            StoreError::Database(m) => {
+            StoreError::Contended { backend } => {
+                tracing::warn!(backend, "store writes kept conflicting");
+                ApiError {
+                    retry_after: Some(std::time::Duration::from_secs(1)),
+                    ..ApiError::new(ErrorCode::Unavailable, "the server is busy; retry shortly")
+                }
+            }
+            StoreError::Unavailable { backend, message } => {
+                tracing::warn!(backend, error = %message, "store unavailable");
+                ApiError {
+                    retry_after: Some(std::time::Duration::from_secs(1)),
+                    ..ApiError::new(
+                        ErrorCode::Unavailable,
+                        "the database is unavailable; retry shortly",
+                    )
+                }
+            }
+            StoreError::Database { message: m, .. } => {
                 // Logged here once; the client only learns that it may retry.
                 tracing::error!(error = %m, "store failure");
                 ApiError::new(ErrorCode::Internal, "internal error; retry later")
@@ -203,7 +220,20 @@ mod tests {
                 ErrorCode::QuotaExceeded,
             ),
             (StoreError::Closed, ErrorCode::Unavailable),
-            (StoreError::Database("disk".into()), ErrorCode::Internal),
+            (
+                StoreError::Database {
+                    backend: "sqlite",
+                    message: "disk".into(),
+                },
+                ErrorCode::Internal,
+            ),
+            (
+                StoreError::Unavailable {
+                    backend: "postgres",
+                    message: "connection lost".into(),
+                },
+                ErrorCode::Unavailable,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(ApiError::from(e).code, code);

@@ -31,14 +31,24 @@ pub enum StoreError {
     KeyLimit(usize),
     #[error("the mailbox of a device of user {user} is full")]
     MailboxFull { user: UserId, device: DeviceId },
-    #[error("database error: {0}")]
-    Database(String),
+    /// The database failed in a way a retry will not mend (or found data it cannot read).
+    /// `backend` names it: "sqlite", "postgres".
+    #[error("{backend} error: {message}")]
+    Database {
+        backend: &'static str,
+        message: String,
+    },
+    /// The database cannot be reached now (connection lost, no connection free in time, a
+    /// statement timed out, writes kept conflicting): nothing was written; retry later.
+    #[error("{backend} unavailable: {message}")]
+    Unavailable {
+        backend: &'static str,
+        message: String,
+    },
+    /// Concurrent writes kept conflicting (deadlocks, serialisation failures) and the backend
+    /// gave up retrying: nothing was written; retry later.
+    #[error("{backend}: concurrent writes kept conflicting")]
+    Contended { backend: &'static str },
     #[error("the store is closed")]
     Closed,
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
-    }
 }

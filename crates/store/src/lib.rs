@@ -9,14 +9,24 @@
 //! - `seq` is consecutive per conversation; `mseq` is consecutive per device mailbox;
 //! - `(sender_device, client_msg_id)` identifies a post: posting it again returns the first answer;
 //! - receipt watermarks only grow;
-//! - a removed device has no token, no mailbox and cannot be addressed.
+//! - a removed device has no token, no mailbox and cannot be addressed;
+//! - **the cursor contract**: the entries of one device's mailbox become visible to
+//!   [`Store::mailbox_after`] in `mseq` order, and once an entry is visible every entry below it
+//!   is visible too, however many writers append at once. The gateway follows a mailbox with a
+//!   cursor (the highest `mseq` it sent) and fills gaps from the store; an entry that appeared
+//!   after one above it would be skipped for good.
 //!
-//! Backends: [`sqlite::SqliteStore`] (the embedded default). The conformance suite in
-//! `tests/conformance.rs` is written against the trait and is meant to run on every backend.
+//! Backends: [`sqlite::SqliteStore`] (the embedded default: one writer thread, group commit) and
+//! [`postgres::PgStore`] (several writers: pool connections and nodes), behind the cargo features
+//! `sqlite` and `postgres`, both in the default build. The conformance suite in
+//! `tests/conformance.rs` is written against the trait and runs on both.
 
 mod error;
 pub mod logic;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod records;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 pub use error::StoreError;
@@ -77,7 +87,10 @@ pub trait Store: Send + Sync + 'static {
         self.post_messages(vec![post])
             .await?
             .pop()
-            .unwrap_or(Err(StoreError::Database("no outcome for a post".into())))
+            .unwrap_or(Err(StoreError::Database {
+                backend: "store",
+                message: "no outcome for a post".into(),
+            }))
     }
 
     /// Stores several posts in order, in one transaction, each as if by `post_message`: one

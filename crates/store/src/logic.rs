@@ -2,7 +2,20 @@
 
 use std::collections::BTreeSet;
 
-use crate::{DeviceId, GroupOp, Role, StoreError};
+use crate::{DeviceId, GroupOp, Role, StoreError, UserId};
+
+/// The id of the direct conversation of two users, computed from the ordered pair so that
+/// any node knows it without a lookup (and a sharded deployment can route by it): `lo << 32 |
+/// hi`. User ids and group ids are below 2^32 and user ids start at 1, so a direct id is at
+/// least 2^32 and never a group's. (Backends store it as a signed 64-bit integer: the same
+/// bits.)
+pub fn direct_conversation_id(a: UserId, b: UserId) -> u64 {
+    let (lo, hi) = (a.min(b), a.max(b));
+    (lo << 32) | (hi & 0xffff_ffff)
+}
+
+/// The most user ids (and group ids) there can be: ids stay below 2^32.
+pub const MAX_ID: u64 = (1 << 32) - 1;
 
 /// Whether a member with role `actor` may apply `op` to a member with role `target` (`None`:
 /// not a member) in a group whose `members_can_add` setting is as given. The one place the
@@ -70,6 +83,16 @@ pub fn check_device_set(expected: &[DeviceId], addressed: &[DeviceId]) -> Result
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn direct_ids_are_symmetric_distinct_and_above_group_ids() {
+        assert_eq!(direct_conversation_id(3, 7), direct_conversation_id(7, 3));
+        assert_eq!(direct_conversation_id(1, 1), (1 << 32) | 1);
+        assert_ne!(direct_conversation_id(1, 2), direct_conversation_id(2, 2));
+        assert!(direct_conversation_id(1, 1) > MAX_ID);
+        let top = direct_conversation_id(MAX_ID, MAX_ID);
+        assert_eq!(top, u64::MAX);
+    }
 
     #[test]
     fn group_permissions() {

@@ -1,5 +1,6 @@
 //! The store conformance suite: the behaviour every backend must have, written once against the
-//! [`Store`] trait. `conformance!` instantiates it for a backend; SQLite runs always.
+//! [`Store`] trait. `conformance!` instantiates it for a backend: SQLite always, PostgreSQL when
+//! `TERN_TEST_POSTGRES` holds a URL (each test in a schema of its own, dropped at its end).
 
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use tern_store::*;
 
 struct Fixture {
     store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
+    _keep: Box<dyn Send>,
 }
 
 async fn sqlite() -> Fixture {
@@ -17,8 +18,91 @@ async fn sqlite() -> Fixture {
             .expect("open");
     Fixture {
         store: Arc::new(store),
-        _dir: dir,
+        _keep: Box::new(dir),
     }
+}
+
+/// The PostgreSQL URL tests run against, if any.
+fn postgres_url() -> Option<String> {
+    std::env::var("TERN_TEST_POSTGRES")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// A schema of one test, dropped when the test ends (on a thread of its own: drop is not async).
+struct PgSchema {
+    url: String,
+    name: String,
+}
+
+impl PgSchema {
+    fn new(url: &str) -> PgSchema {
+        use std::hash::BuildHasher;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let h = std::collections::hash_map::RandomState::new().hash_one((
+            nanos,
+            N.fetch_add(1, Ordering::Relaxed),
+            std::process::id(),
+        ));
+        PgSchema {
+            url: url.to_owned(),
+            name: format!("t_{h:016x}"),
+        }
+    }
+
+    fn options(&self) -> postgres::PgOptions {
+        postgres::PgOptions {
+            pool_size: 4,
+            schema: Some(self.name.clone()),
+            ..postgres::PgOptions::new(&self.url)
+        }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to drop the test schema");
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                    .await
+                    .expect("drop the test schema");
+            })
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("the test schema {} was not dropped", self.name);
+        }
+    }
+}
+
+/// A fresh PostgreSQL store, or `None` (the test is skipped) without `TERN_TEST_POSTGRES`.
+async fn postgres() -> Option<Fixture> {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: TERN_TEST_POSTGRES is not set");
+        return None;
+    };
+    let schema = PgSchema::new(&url);
+    let store = postgres::PgStore::open(schema.options())
+        .await
+        .expect("open PostgreSQL (TERN_TEST_POSTGRES)");
+    Some(Fixture {
+        store: Arc::new(store),
+        _keep: Box::new(schema),
+    })
 }
 
 /// A user with `n` devices; returns the auth of each device.
@@ -1547,6 +1631,178 @@ async fn mailbox_bounds_count_own_bodies_and_follow_device_removal(f: Fixture) {
     );
 }
 
+/// Many writers append to the same two mailboxes at once (direct posts from four senders,
+/// posts to a group of all five) while a reader follows one mailbox with a cursor, as the
+/// gateway does: every read must continue exactly where the last one ended. An entry visible
+/// before one below it would be skipped for good by the cursor.
+async fn concurrent_writers_never_show_a_hole(f: Fixture) {
+    let s = f.store.clone();
+    let bob = user(&*s, "bob", 2).await;
+    let mut senders = Vec::new();
+    for name in ["alice", "carol", "dave", "erin"] {
+        senders.push(user(&*s, name, 1).await.remove(0));
+    }
+    let members: Vec<UserId> = std::iter::once(bob[0].user_id)
+        .chain(senders[1..].iter().map(|d| d.user_id))
+        .collect();
+    let gid = s
+        .create_group(new_group(&senders[0], &members))
+        .await
+        .expect("group")
+        .group
+        .id;
+    let (direct, grouped) = (40u64, 10u64);
+    let mut tasks = Vec::new();
+    for (n, sender) in senders.iter().enumerate() {
+        let (s, a, bob_id, to_bob) = (s.clone(), sender.clone(), bob[0].user_id, ids(&bob));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..direct {
+                s.post_message(to(&a, bob_id, &format!("d{n}-{i}"), &to_bob))
+                    .await
+                    .expect("direct post");
+                if i % 4 == 0 {
+                    s.post_message(group_post(&a, gid, &format!("g{n}-{i}")))
+                        .await
+                        .expect("group post");
+                }
+            }
+        }));
+    }
+    // The CREATED event, then every post.
+    let expected = 1 + senders.len() as u64 * (direct + grouped);
+    let reader = {
+        let (s, device) = (s.clone(), bob[0].device_id);
+        tokio::spawn(async move {
+            let mut cursor = 0u64;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            while cursor < expected {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "reader stalled at {cursor}"
+                );
+                let batch = s.mailbox_after(device, cursor, 7).await.expect("read");
+                for e in &batch {
+                    assert_eq!(e.mseq, cursor + 1, "a hole after mseq {cursor}");
+                    cursor = e.mseq;
+                }
+                if batch.is_empty() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            cursor
+        })
+    };
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    assert_eq!(reader.await.expect("reader"), expected);
+    for d in &bob {
+        let got = s.mailbox_after(d.device_id, 0, 10_000).await.expect("all");
+        let mseqs: Vec<u64> = got.iter().map(|e| e.mseq).collect();
+        assert_eq!(
+            mseqs,
+            (1..=expected).collect::<Vec<_>>(),
+            "device {}",
+            d.device_id
+        );
+    }
+}
+
+/// Claims racing for one device's one-time keys: each key goes to one claimer only, and the
+/// claimers past the last key get the fallback key.
+async fn concurrent_claims_never_share_a_key(f: Fixture) {
+    let s = f.store.clone();
+    let alice = user(&*s, "alice", 1).await;
+    let device = alice[0].device_id;
+    let upload = KeyUpload {
+        identity: Some(identity(1)),
+        one_time_keys: (0..20).map(|i| key(&format!("k{i:02}"))).collect(),
+        fallback_key: Some(key("fb")),
+    };
+    s.publish_keys(device, upload, 100).await.expect("publish");
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.claim_keys(vec![device]).await.expect("claim")
+        }));
+    }
+    let mut one_time = Vec::new();
+    let mut fallbacks = 0;
+    for t in tasks {
+        let claimed = t.await.expect("task");
+        assert_eq!(claimed.len(), 1, "one key per claim");
+        if claimed[0].fallback {
+            assert_eq!(claimed[0].key.id, "fb");
+            fallbacks += 1;
+        } else {
+            one_time.push(claimed[0].key.id.clone());
+        }
+    }
+    one_time.sort();
+    let all: Vec<String> = (0..20).map(|i| format!("k{i:02}")).collect();
+    assert_eq!(one_time, all, "every one-time key handed out exactly once");
+    assert_eq!(fallbacks, 4);
+}
+
+/// A member removed while another posts to the group receives every message before its
+/// removal and none after it, however the two interleave.
+async fn removal_racing_with_posts_leaks_nothing_later(f: Fixture) {
+    let s = f.store.clone();
+    let (alice, bob, carol, gid) = three_in_a_group(&*s).await;
+    let poster = {
+        let (s, c) = (s.clone(), carol[0].clone());
+        tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..60 {
+                let out = s
+                    .post_message(group_post(&c, gid, &format!("r{i}")))
+                    .await
+                    .expect("post");
+                seqs.push(stored_seq(&out));
+            }
+            seqs
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let change = s
+        .change_group(
+            alice[0].clone(),
+            gid,
+            GroupOp::Remove(bob[0].user_id),
+            16,
+            2000,
+        )
+        .await
+        .expect("remove");
+    let removed_at = change
+        .deliveries
+        .iter()
+        .find(|d| d.device == bob[0].device_id)
+        .map(|d| match &d.entry.item {
+            MailboxItem::Message(m) => m.seq,
+            MailboxItem::Receipt(_) => panic!("a receipt"),
+        })
+        .expect("bob hears of his removal");
+    let posted = poster.await.expect("poster");
+    let got: Vec<u64> = messages_of(&*s, bob[0].device_id)
+        .await
+        .iter()
+        .map(|m| m.1)
+        .collect();
+    assert!(
+        got.iter().all(|seq| *seq <= removed_at),
+        "{got:?} after {removed_at}"
+    );
+    for seq in posted.iter().filter(|seq| **seq < removed_at) {
+        assert!(
+            got.contains(seq),
+            "bob missed {seq} (removed at {removed_at})"
+        );
+    }
+    assert_eq!(got.last(), Some(&removed_at));
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -1573,20 +1829,26 @@ macro_rules! conformance {
                 mailbox_byte_bound_refuses_and_stores_nothing,
                 group_send_to_a_full_mailbox_is_refused_whole,
                 receipts_and_group_events_reach_full_mailboxes,
-                mailbox_bounds_count_own_bodies_and_follow_device_removal);
+                mailbox_bounds_count_own_bodies_and_follow_device_removal,
+                concurrent_writers_never_show_a_hole,
+                concurrent_claims_never_share_a_key,
+                removal_racing_with_posts_leaks_nothing_later);
         }
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                super::$name($make.await).await;
+                if let Some(fixture) = $make.await {
+                    super::$name(fixture).await;
+                }
             }
         )*
     };
 }
 
-conformance!(sqlite_backend, sqlite());
+conformance!(sqlite_backend, async { Some(sqlite().await) });
+conformance!(postgres_backend, postgres());
 
 #[tokio::test]
 async fn sqlite_state_survives_reopen() {

@@ -2,11 +2,12 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::db_error;
 use crate::*;
 
 fn hash_from(v: Vec<u8>) -> Result<MediaHash, StoreError> {
     MediaHash::try_from(v.as_slice())
-        .map_err(|_| StoreError::Database("a media id in the database is not 32 bytes".into()))
+        .map_err(|_| db_error("a media id in the database is not 32 bytes".into()))
 }
 
 /// Bytes the user holds at `now`: live references plus incomplete uploads.

@@ -7,6 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::accounts::{delete_mailbox, device_ids, user_ref};
 use super::cache::WriterCache;
+use super::db_error;
 use crate::logic::check_device_set;
 use crate::*;
 
@@ -47,9 +48,7 @@ pub fn conversation_by_id(c: &Connection, id: i64) -> Result<ConvRow, StoreError
             hi: user_ref(c, hi as UserId)?.ok_or(StoreError::NotFound("user"))?,
         },
         _ => {
-            return Err(StoreError::Database(format!(
-                "conversation {id} is malformed"
-            )));
+            return Err(db_error(format!("conversation {id} is malformed")));
         }
     };
     Ok(ConvRow {

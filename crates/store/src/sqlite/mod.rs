@@ -29,6 +29,23 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::*;
 use cache::WriterCache;
 
+/// This backend's name in errors.
+const BACKEND: &str = "sqlite";
+
+/// A failure of the SQLite database (or of the data in it).
+pub(crate) fn db_error(message: String) -> StoreError {
+    StoreError::Database {
+        backend: BACKEND,
+        message,
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        db_error(e.to_string())
+    }
+}
+
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
 /// Writes waiting for the writer before callers wait for room.
@@ -96,7 +113,7 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("tern-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx))
-            .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
+            .map_err(|e| db_error(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             path: path.to_owned(),
             writes: Mutex::new(Some(tx)),
@@ -164,7 +181,7 @@ impl SqliteStore {
             result
         })
         .await
-        .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+        .map_err(|e| db_error(format!("read task failed: {e}")))?
     }
 }
 

@@ -3,6 +3,7 @@
 
 use rusqlite::Connection;
 
+use super::db_error;
 use crate::StoreError;
 
 const MIGRATIONS: &[&str] = &[
@@ -167,7 +168,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let current: usize =
         conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
-        return Err(StoreError::Database(format!(
+        return Err(db_error(format!(
             "database schema version {current} is newer than this server ({})",
             MIGRATIONS.len()
         )));
