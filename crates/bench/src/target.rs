@@ -1,4 +1,5 @@
-//! The server under test: either a `ternd` this tool starts (a throwaway data directory, the
+//! The server under test: either a `ternd` this tool starts (a throwaway data directory, and with
+//! `--postgres URL` a throwaway schema in that database, dropped afterwards with `psql`; the
 //! process optionally pinned to CPUs with `taskset`) or one already running (`--server`).
 
 use std::io::{BufRead, BufReader};
@@ -13,6 +14,8 @@ pub struct Target {
     pub addr: String,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
+    /// (URL, schema) of the throwaway PostgreSQL schema, dropped with the target.
+    schema: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -33,6 +36,10 @@ pub struct TargetArgs {
     /// Extra `--set KEY=VALUE` settings for the started ternd.
     #[arg(long = "server-set", value_name = "KEY=VALUE")]
     pub server_set: Vec<String>,
+    /// Start ternd on PostgreSQL at this URL, in a throwaway schema (dropped afterwards with
+    /// `psql`, which must be installed).
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
 }
 
 impl Target {
@@ -47,6 +54,7 @@ impl Target {
                 addr,
                 child: None,
                 _dir: None,
+                schema: None,
             });
         }
         let ternd = match &args.ternd {
@@ -60,6 +68,15 @@ impl Target {
             );
         }
         let dir = tempfile::tempdir()?;
+        let schema = args.postgres.as_ref().map(|url| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            (
+                url.clone(),
+                format!("bench_{:x}_{}", nanos, std::process::id()),
+            )
+        });
         let mut cmd = match &args.server_cpus {
             Some(cpus) => {
                 let mut c = Command::new("taskset");
@@ -86,6 +103,13 @@ impl Target {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(schema.iter().flat_map(|(url, name)| {
+            [
+                "storage.backend=postgres".to_owned(),
+                format!("storage.postgres.url={url}"),
+                format!("storage.postgres.schema={name}"),
+            ]
+        }))
         .chain(args.server_set.iter().cloned())
         {
             cmd.args(["--set", &kv]);
@@ -118,6 +142,7 @@ impl Target {
             addr,
             child: Some(child),
             _dir: Some(dir),
+            schema,
         })
     }
 
@@ -139,6 +164,18 @@ impl Drop for Target {
                 .args(["-TERM", &c.id().to_string()])
                 .status();
             let _ = c.wait();
+        }
+        if let Some((url, name)) = &self.schema {
+            let dropped = Command::new("psql")
+                .args([
+                    url.as_str(),
+                    "-qAtc",
+                    &format!("DROP SCHEMA IF EXISTS {name} CASCADE"),
+                ])
+                .status();
+            if !dropped.is_ok_and(|s| s.success()) {
+                eprintln!("could not drop the PostgreSQL schema {name}: drop it by hand");
+            }
         }
     }
 }

@@ -2,18 +2,21 @@
 //! and hands them down; nothing is looked up globally. [`run`] serves HTTP and WebSocket on a
 //! bound listener until `shutdown` fires, then closes sockets and flushes storage.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tern_store::Store;
+use tern_store::postgres::{PgStore, redact_url};
 use tern_store::sqlite::{SqliteOptions, SqliteStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::PasswordHasher;
-use crate::config::{BlobBackend, Config};
+use crate::config::{BlobBackend, Config, StorageBackend};
 use crate::media::{BlobStore, FsBlobs, Media};
 use crate::net::ConnLimiter;
 use crate::ratelimit::RateLimits;
@@ -64,17 +67,18 @@ fn prometheus() -> PrometheusHandle {
 }
 
 impl AppState {
-    /// Opens the embedded store in `config.data_dir` and builds the single-node state.
-    pub fn build(config: Config) -> anyhow::Result<AppState> {
+    /// Opens the configured store (SQLite in `config.data_dir`, or PostgreSQL; either is
+    /// migrated to the latest schema) and builds the single-node state.
+    pub async fn build(config: Config) -> anyhow::Result<AppState> {
         config.validate()?;
-        std::fs::create_dir_all(&config.data_dir)?;
-        let db = config.data_dir.join("tern.db");
-        let store = SqliteStore::open(
-            &db,
-            SqliteOptions {
-                readers: config.sqlite_readers,
-            },
-        )?;
+        // Media and incomplete uploads live in the data directory with either backend.
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                config.data_dir.display()
+            )
+        })?;
+        let store = open_store(&config).await?;
         let blobs: Arc<dyn BlobStore> = match config.media.backend {
             BlobBackend::Fs => Arc::new(FsBlobs::new(config.data_dir.join("media"))?),
             #[cfg(feature = "s3")]
@@ -86,7 +90,7 @@ impl AppState {
         };
         AppState::with_parts(
             config,
-            Arc::new(store),
+            store,
             Arc::new(LocalRouter::default()),
             Arc::new(SystemClock),
             blobs,
@@ -160,6 +164,94 @@ impl AppState {
             connections: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         })
+    }
+}
+
+/// The SQLite database file of `config`.
+fn sqlite_path(config: &Config) -> PathBuf {
+    config.data_dir.join("tern.db")
+}
+
+/// Opens the configured store, applying pending migrations.
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let storage = &config.storage;
+    match storage.backend {
+        StorageBackend::Sqlite => {
+            let db = sqlite_path(config);
+            tracing::info!(backend = "sqlite", path = %db.display(), "opening the store");
+            let store = SqliteStore::open(
+                &db,
+                SqliteOptions {
+                    readers: storage.sqlite.readers,
+                },
+            )
+            .with_context(|| format!("cannot open the SQLite database {}", db.display()))?;
+            Ok(Arc::new(store))
+        }
+        StorageBackend::Postgres => {
+            let url = redact_url(&storage.postgres.url);
+            tracing::info!(
+                backend = "postgres",
+                url = %url,
+                schema = %storage.postgres.schema,
+                pool_size = storage.postgres.pool_size,
+                "opening the store"
+            );
+            // Its errors name the URL (redacted) when the database cannot be reached.
+            let store = PgStore::open(storage.postgres.options())
+                .await
+                .with_context(|| format!("cannot open the PostgreSQL store {url}"))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// `ternd migrate`: brings the configured store's schema up to date; one line saying what was
+/// done, e.g. `postgres postgres://tern:***@db/tern: applied 1 migration, schema at the latest
+/// version`.
+pub async fn migrate(config: &Config) -> anyhow::Result<String> {
+    config.validate()?;
+    let storage = &config.storage;
+    match storage.backend {
+        StorageBackend::Sqlite => {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!(
+                    "cannot create the data directory {}",
+                    config.data_dir.display()
+                )
+            })?;
+            let db = sqlite_path(config);
+            // Opening applies the pending migrations.
+            let store = SqliteStore::open(&db, SqliteOptions { readers: 1 })
+                .with_context(|| format!("cannot open the SQLite database {}", db.display()))?;
+            store.close().await;
+            Ok(format!(
+                "sqlite {}: schema at the latest version",
+                db.display()
+            ))
+        }
+        StorageBackend::Postgres => {
+            let url = redact_url(&storage.postgres.url);
+            let store = PgStore::connect(storage.postgres.options())
+                .with_context(|| format!("cannot open the PostgreSQL store {url}"))?;
+            let applied = store
+                .migrate()
+                .await
+                .with_context(|| format!("cannot migrate the PostgreSQL store {url}"))?;
+            store.close().await;
+            let schema = match storage.postgres.schema.as_str() {
+                "" => String::new(),
+                s => format!(" (schema {s})"),
+            };
+            let done = match applied {
+                0 => "nothing to apply".to_owned(),
+                1 => "applied 1 migration".to_owned(),
+                n => format!("applied {n} migrations"),
+            };
+            Ok(format!(
+                "postgres {url}{schema}: {done}, schema at the latest version"
+            ))
+        }
     }
 }
 

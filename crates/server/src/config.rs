@@ -14,12 +14,13 @@ use tern_proto::Limits;
 pub struct Config {
     /// Address to listen on; port 0 picks a free port (the log states the bound address).
     pub listen: SocketAddr,
-    /// Directory for the database (`tern.db`) and, later, media.
+    /// Directory for the SQLite database (`tern.db`), media objects (`media/`) and incomplete
+    /// uploads (`uploads/`); created if missing, with either storage backend.
     pub data_dir: PathBuf,
     /// Seconds between batched writes of last-seen times.
     pub last_seen_flush_secs: u64,
-    /// Read connections of the SQLite store.
-    pub sqlite_readers: usize,
+    /// Where accounts, messages and the rest of the state are kept: SQLite or PostgreSQL.
+    pub storage: StorageConfig,
     /// Every size and count limit.
     pub limits: Limits,
     /// argon2id cost of password hashes and the bounds of the hashing pool.
@@ -116,6 +117,102 @@ impl Default for MailboxLimits {
     }
 }
 
+/// Which database keeps the server's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// An embedded SQLite database, `data_dir/tern.db` (the default; one node).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database (see `[storage.postgres]`), which several nodes may share.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    pub sqlite: SqliteConfig,
+    pub postgres: PostgresConfig,
+}
+
+/// The embedded SQLite store (`storage.backend = "sqlite"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqliteConfig {
+    /// Read connections (reads at once); writes go through one connection.
+    pub readers: usize,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig { readers: 4 }
+    }
+}
+
+/// The PostgreSQL store (`storage.backend = "postgres"`). Tables are created (migrated) at
+/// start and by `ternd migrate`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// A libpq-style URL, `postgres://user:password@host:5432/dbname`, or a key=value string
+    /// (`host=... user=... password=...`). Required with the postgres backend. Its password
+    /// never appears in logs or errors.
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Seconds any statement (or lock wait) may take on the server.
+    pub statement_timeout_secs: u64,
+    /// Seconds to wait for a connection: opening one, or a free one from the pool.
+    pub connect_timeout_secs: u64,
+    /// The schema tern's tables live in, created if missing (lowercase letters, digits and
+    /// `_`); empty: the server's default `search_path` (normally `public`).
+    pub schema: String,
+    /// How this node's connections name themselves (`application_name` in
+    /// `pg_stat_activity`): give each node its own, to tell which holds which connection.
+    pub application_name: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: String::new(),
+            pool_size: 16,
+            statement_timeout_secs: 10,
+            connect_timeout_secs: 5,
+            schema: String::new(),
+            application_name: "ternd".to_owned(),
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The options of [`tern_store::postgres::PgStore::open`].
+    pub fn options(&self) -> tern_store::postgres::PgOptions {
+        tern_store::postgres::PgOptions {
+            url: self.url.clone(),
+            pool_size: self.pool_size,
+            statement_timeout: std::time::Duration::from_secs(self.statement_timeout_secs),
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout_secs),
+            schema: (!self.schema.is_empty()).then(|| self.schema.clone()),
+            application_name: self.application_name.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &tern_store::postgres::redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout_secs", &self.statement_timeout_secs)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("schema", &self.schema)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
 /// Where media objects are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -194,7 +291,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir: PathBuf::from("tern-data"),
             last_seen_flush_secs: 5,
-            sqlite_readers: 4,
+            storage: StorageConfig::default(),
             limits: Limits::default(),
             password_hashing: crate::auth::PasswordHashing::default(),
             connections: ConnectionLimits::default(),
@@ -324,8 +421,35 @@ impl Config {
                 "mailbox.max_entries must be positive and mailbox.max_bytes at least limits.max_body_bytes",
             );
         }
-        if self.last_seen_flush_secs == 0 || self.sqlite_readers == 0 {
-            return bad("last_seen_flush_secs and sqlite_readers must be positive");
+        if self.last_seen_flush_secs == 0 {
+            return bad("last_seen_flush_secs must be positive");
+        }
+        let st = &self.storage;
+        if st.sqlite.readers == 0 {
+            return bad("storage.sqlite.readers must be positive");
+        }
+        if st.backend == StorageBackend::Postgres {
+            let p = &st.postgres;
+            if p.url.is_empty() {
+                return bad("storage.postgres.url is required with storage.backend = \"postgres\"");
+            }
+            if p.pool_size == 0 || p.statement_timeout_secs == 0 || p.connect_timeout_secs == 0 {
+                return bad(
+                    "storage.postgres.pool_size, statement_timeout_secs and connect_timeout_secs must be positive",
+                );
+            }
+            if !p.schema.is_empty() && !tern_store::postgres::valid_schema_name(&p.schema) {
+                return Err(ConfigError::Invalid(format!(
+                    "storage.postgres.schema {:?}: use lowercase letters, digits and _ (not a digit first, at most 63), or empty for the default",
+                    p.schema
+                )));
+            }
+            let name = &p.application_name;
+            if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(
+                    "storage.postgres.application_name must be 1 to 63 printable ASCII characters, no spaces",
+                );
+            }
         }
         let m = &self.media;
         if m.max_object_bytes == 0 || m.quota_bytes < m.max_object_bytes {
@@ -362,6 +486,68 @@ mod tests {
     fn unknown_keys_are_refused() {
         assert!(Config::from_toml("listn = \"127.0.0.1:1\"").is_err());
         assert!(Config::from_toml("[limits]\nmax_frame = 5").is_err());
+        assert!(Config::from_toml("sqlite_readers = 4").is_err());
+        assert!(Config::from_toml("[storage.postgres]\nuri = \"postgres://db/tern\"").is_err());
+        assert!(Config::from_toml("[storage]\nbackend = \"mysql\"").is_err());
+    }
+
+    #[test]
+    fn storage_settings() {
+        let c = Config::from_toml("[storage]\nbackend = \"postgres\"").expect("parses");
+        assert_eq!(c.storage.backend, StorageBackend::Postgres);
+        assert!(c.validate().is_err(), "postgres needs a url");
+        let c = Config::from_toml(
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://tern:pw@db/tern\"\nschema = \"tern_a\"",
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        let o = c.storage.postgres.options();
+        assert_eq!(o.schema.as_deref(), Some("tern_a"));
+        assert_eq!(o.pool_size, 16);
+        assert_eq!(o.statement_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(o.application_name, "ternd");
+        assert_eq!(Config::default().storage.postgres.options().schema, None);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("pw@"), "the password is redacted: {debug}");
+        assert!(debug.contains("postgres://tern:***@db/tern"), "{debug}");
+        for (key, value) in [
+            ("storage.postgres.schema", "Bad-Name"),
+            ("storage.postgres.pool_size", "0"),
+            ("storage.postgres.statement_timeout_secs", "0"),
+            ("storage.postgres.connect_timeout_secs", "0"),
+            ("storage.postgres.application_name", "\"\""),
+            ("storage.postgres.application_name", "\"two words\""),
+        ] {
+            let c = c
+                .clone()
+                .with_overrides([(key.to_owned(), value)])
+                .expect("applies");
+            assert!(c.validate().is_err(), "{key}={value}");
+        }
+        // Without the postgres backend its section is not checked.
+        let c = Config::default()
+            .with_overrides([("storage.postgres.pool_size".to_owned(), "0")])
+            .expect("applies");
+        c.validate().expect("sqlite ignores [storage.postgres]");
+        let c = Config::default()
+            .with_overrides([("storage.sqlite.readers".to_owned(), "0")])
+            .expect("applies");
+        assert!(c.validate().is_err());
+        let c = Config::default()
+            .with_overrides([
+                ("storage.backend".to_owned(), "postgres"),
+                (
+                    "storage.postgres.url".to_owned(),
+                    "postgres://root@127.0.0.1:5432/test",
+                ),
+            ])
+            .expect("applies");
+        assert_eq!(c.storage.backend, StorageBackend::Postgres);
+        assert_eq!(
+            c.storage.postgres.url,
+            "postgres://root@127.0.0.1:5432/test"
+        );
+        c.validate().expect("valid");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `ternd`: parses flags, sets up logging, and runs the server until SIGTERM or Ctrl-C.
+//! `ternd`: parses flags, sets up logging, and runs the server until SIGTERM or Ctrl-C
+//! (`serve`), or applies the store's pending schema migrations (`migrate`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,21 +18,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server.
-    Serve(ServeArgs),
+    /// Run the server (applying pending schema migrations first).
+    Serve(ConfigArgs),
+    /// Apply the pending schema migrations of the configured store, then exit.
+    Migrate(ConfigArgs),
     /// Print the default configuration as TOML.
     DefaultConfig,
 }
 
+/// Where the configuration comes from; shared by `serve` and `migrate`.
 #[derive(clap::Args)]
-struct ServeArgs {
+struct ConfigArgs {
     /// TOML configuration file (optional; see ternd.example.toml).
     #[arg(long, env = "TERN_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on, e.g. 127.0.0.1:7070 (port 0: any free port).
+    /// Address to listen on, e.g. 127.0.0.1:7070 (port 0: any free port); `migrate` does
+    /// not listen.
     #[arg(long, env = "TERN_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Data directory (the SQLite database lives here).
+    /// Data directory (the SQLite database, media and uploads live here).
     #[arg(long, env = "TERN_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Override any setting of the config file: `--set limits.max_frame_bytes=131072`
@@ -51,26 +56,32 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(args),
+        Command::Migrate(args) => migrate(args),
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Logs to stderr, filtered by `TERN_LOG` (default `info`), as text or JSON.
+fn init_logging(format: &str, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if args.log_format == "json" {
+    if format == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
-    let mut config = match &args.config {
+}
+
+/// The configuration. Precedence: defaults < file < environment (TERN_SET_*) < --set <
+/// --listen/--data-dir (and their TERN_LISTEN/TERN_DATA_DIR).
+fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    // Precedence: file < environment (TERN_SET_*) < --set < --listen/--data-dir.
     let mut overrides = Config::env_overrides(std::env::vars());
     for kv in &args.set {
         let (k, v) = kv
@@ -78,18 +89,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
         overrides.push((k.to_owned(), v.to_owned()));
     }
-    config = config.with_overrides(overrides.iter().map(|(k, v)| (k.clone(), v.as_str())))?;
+    let mut config =
+        config.with_overrides(overrides.iter().map(|(k, v)| (k.clone(), v.as_str())))?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    if let Some(dir) = args.data_dir {
-        config.data_dir = dir;
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    Ok(config)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let state = AppState::build(config.clone()).context("cannot open the data directory")?;
+        .build()?)
+}
+
+fn serve(args: ConfigArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format, "info");
+    let config = load_config(&args)?;
+    runtime()?.block_on(async move {
+        let state = AppState::build(config.clone()).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -98,6 +119,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(data_dir = %config.data_dir.display(), "starting");
         run(listener, state, shutdown).await
     })
+}
+
+/// `ternd migrate`: applies the pending migrations and prints one line saying so.
+fn migrate(args: ConfigArgs) -> anyhow::Result<()> {
+    // Only warnings by default: the outcome is the line on stdout.
+    init_logging(&args.log_format, "warn");
+    let config = load_config(&args)?;
+    let line = runtime()?.block_on(tern_server::app::migrate(&config))?;
+    println!("{line}");
+    Ok(())
 }
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C.

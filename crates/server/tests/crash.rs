@@ -18,7 +18,8 @@ type Acked = HashMap<u64, Vec<(u64, String)>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    // With TERN_TEST_POSTGRES, the directory's schema outlives the killed server.
+    let dir = DataDir::new();
     let mut server = spawn_ternd(dir.path());
     let http = http_for(server.addr);
     let (bob, bob_dev, bob_token) = http.account("bob").await;
@@ -152,7 +153,7 @@ async fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {
 
 #[tokio::test]
 async fn sigterm_closes_sockets_with_going_away_and_exits_cleanly() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = DataDir::new();
     let mut server = spawn_ternd(dir.path());
     let (_, _, token) = http_for(server.addr).account("alice").await;
     let (mut raw, _, _) = Raw::connect(server.addr, &token).await;

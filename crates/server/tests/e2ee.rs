@@ -339,23 +339,53 @@ async fn a_tampered_ciphertext_is_reported_and_the_conversation_recovers() {
         .expect("send");
 
     // The server (or anyone with its disk) flips the last byte of bob's copy.
-    {
-        let db = rusqlite::Connection::open(srv.dir.path().join("tern.db")).expect("db");
-        db.busy_timeout(Duration::from_secs(5)).expect("timeout");
-        let (device, mseq, mut body): (i64, i64, Vec<u8>) = db
-            .query_row(
-                "SELECT device_id, mseq, body FROM mailbox WHERE body IS NOT NULL",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    match common::postgres_url() {
+        None => {
+            let db = rusqlite::Connection::open(srv.dir.path().join("tern.db")).expect("db");
+            db.busy_timeout(Duration::from_secs(5)).expect("timeout");
+            let (device, mseq, mut body): (i64, i64, Vec<u8>) = db
+                .query_row(
+                    "SELECT device_id, mseq, body FROM mailbox WHERE body IS NOT NULL",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .expect("bob's mailbox entry");
+            let last = body.len() - 1;
+            body[last] ^= 0x01;
+            db.execute(
+                "UPDATE mailbox SET body = ?1 WHERE device_id = ?2 AND mseq = ?3",
+                rusqlite::params![body, device, mseq],
             )
-            .expect("bob's mailbox entry");
-        let last = body.len() - 1;
-        body[last] ^= 0x01;
-        db.execute(
-            "UPDATE mailbox SET body = ?1 WHERE device_id = ?2 AND mseq = ?3",
-            rusqlite::params![body, device, mseq],
-        )
-        .expect("tamper");
+            .expect("tamper");
+        }
+        Some(url) => {
+            let schema = std::fs::read_to_string(srv.dir.path().join("postgres-schema"))
+                .expect("the data directory names its schema");
+            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            db.batch_execute(&format!("SET search_path = {}", schema.trim()))
+                .await
+                .expect("schema");
+            let row = db
+                .query_one(
+                    "SELECT device_id, mseq, body FROM mailbox WHERE body IS NOT NULL",
+                    &[],
+                )
+                .await
+                .expect("bob's mailbox entry");
+            let (device, mseq, mut body): (i64, i64, Vec<u8>) =
+                (row.get(0), row.get(1), row.get(2));
+            let last = body.len() - 1;
+            body[last] ^= 0x01;
+            db.execute(
+                "UPDATE mailbox SET body = $1 WHERE device_id = $2 AND mseq = $3",
+                &[&body, &device, &mseq],
+            )
+            .await
+            .expect("tamper");
+        }
     }
 
     let mut eb = b.client.events();

@@ -1,12 +1,20 @@
 //! Test harness: the real server on 127.0.0.1:0 with a temporary data directory, plus small raw
 //! HTTP and WebSocket helpers for protocol-level tests.
+//!
+//! With `TERN_TEST_POSTGRES` set to a URL (e.g. `postgres://root@127.0.0.1:5432/test`), every
+//! server (in-process or a spawned `ternd`) stores its state in PostgreSQL instead, in a schema
+//! of its own tied to its data directory: a restart on the same directory finds the same data,
+//! and the schema is dropped once nothing uses the directory any more (see [`PgSchema`]).
 #![allow(dead_code)]
 
 pub mod sdk;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -16,6 +24,172 @@ use tern_server::{AppState, Config};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
+/// The PostgreSQL server the tests use instead of SQLite: `TERN_TEST_POSTGRES`, if set and
+/// not empty.
+pub fn postgres_url() -> Option<String> {
+    std::env::var("TERN_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// The file in a data directory that names the directory's PostgreSQL schema.
+const SCHEMA_FILE: &str = "postgres-schema";
+
+/// The PostgreSQL schema of the data directory `dir`: the one named in its `postgres-schema`
+/// file, else a fresh `t_<16 hex digits>`, written there so that a restart on the directory
+/// finds it.
+fn schema_name_for(dir: &Path) -> String {
+    let file = dir.join(SCHEMA_FILE);
+    if let Ok(name) = std::fs::read_to_string(&file) {
+        let name = name.trim();
+        if tern_store::postgres::valid_schema_name(name) {
+            return name.to_owned();
+        }
+    }
+    let name = format!("t_{:016x}", rand::random::<u64>());
+    std::fs::write(&file, &name).expect("write the schema file");
+    name
+}
+
+/// The live guards by schema name, so that everything using one schema shares one guard.
+fn schemas() -> &'static Mutex<HashMap<String, Weak<PgSchema>>> {
+    static SCHEMAS: OnceLock<Mutex<HashMap<String, Weak<PgSchema>>>> = OnceLock::new();
+    SCHEMAS.get_or_init(Mutex::default)
+}
+
+/// The guard of schema `name` on `url`: the live one if any holder remains, else a new one.
+fn schema_guard(url: &str, name: &str) -> Arc<PgSchema> {
+    let mut live = schemas().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(guard) = live.get(name).and_then(Weak::upgrade) {
+        return guard;
+    }
+    let guard = Arc::new(PgSchema {
+        url: url.to_owned(),
+        name: name.to_owned(),
+    });
+    live.insert(name.to_owned(), Arc::downgrade(&guard));
+    guard
+}
+
+/// The guard of `dir`'s schema, with `TERN_TEST_POSTGRES` set.
+fn schema_for(dir: &Path) -> Option<Arc<PgSchema>> {
+    let url = postgres_url()?;
+    Some(schema_guard(&url, &schema_name_for(dir)))
+}
+
+/// A test server's PostgreSQL schema (created by the server when it migrates). Shared through
+/// an `Arc` by the servers and data directories using it; when the last holder goes, the
+/// schema is dropped with everything in it.
+pub struct PgSchema {
+    url: String,
+    pub name: String,
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        // Held while dropping, so that a new guard of this name cannot see the schema vanish
+        // under a server it started.
+        let mut live = schemas().lock().unwrap_or_else(|e| e.into_inner());
+        if live.get(&self.name).is_some_and(|w| w.strong_count() == 0) {
+            live.remove(&self.name);
+        }
+        // A fresh thread with its own runtime: this may run inside (or outside) any runtime,
+        // including one whose only thread is this one.
+        let (url, name) = (self.url.clone(), self.name.clone());
+        let outcome = std::thread::spawn(move || drop_schema(&url, &name)).join();
+        drop(live);
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: cannot drop PostgreSQL schema {}: {e}", self.name),
+            Err(_) => eprintln!("warning: dropping PostgreSQL schema {} panicked", self.name),
+        }
+    }
+}
+
+/// `DROP SCHEMA name CASCADE`. A server that was not stopped may still hold locks in it (a
+/// transaction whose task can no longer run): after a lock timeout, the sessions holding locks
+/// on the schema's tables are terminated and the drop is tried again.
+fn drop_schema(url: &str, name: &str) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let (client, conn) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_postgres::connect(url, tokio_postgres::NoTls),
+        )
+        .await
+        .map_err(|_| "connecting timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        client
+            .batch_execute("SET lock_timeout = '3s'")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut attempt = 1;
+        loop {
+            match client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= 3 => return Err(e.to_string()),
+                Err(_) => {
+                    client
+                        .query(
+                            "SELECT pg_terminate_backend(pid) FROM (
+                                 SELECT DISTINCT l.pid FROM pg_locks l
+                                 JOIN pg_class c ON c.oid = l.relation
+                                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                                 WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()
+                             ) holders",
+                            &[&name],
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    attempt += 1;
+                }
+            }
+        }
+    })
+}
+
+/// A test's data directory: a temporary directory and, with `TERN_TEST_POSTGRES`, the
+/// PostgreSQL schema that goes with it (dropped when the last of the directory and the servers
+/// using it is dropped). Derefs to the `TempDir`; [`TestServer::stop`] returns one for a
+/// restart, and `TestServer::start_in` also takes a plain `TempDir`.
+pub struct DataDir {
+    pub dir: tempfile::TempDir,
+    pub pg: Option<Arc<PgSchema>>,
+}
+
+impl DataDir {
+    pub fn new() -> DataDir {
+        tempfile::tempdir().expect("tempdir").into()
+    }
+}
+
+impl Default for DataDir {
+    fn default() -> Self {
+        DataDir::new()
+    }
+}
+
+impl From<tempfile::TempDir> for DataDir {
+    fn from(dir: tempfile::TempDir) -> DataDir {
+        let pg = schema_for(dir.path());
+        DataDir { dir, pg }
+    }
+}
+
+impl std::ops::Deref for DataDir {
+    type Target = tempfile::TempDir;
+    fn deref(&self) -> &tempfile::TempDir {
+        &self.dir
+    }
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     /// The running server's state (services, store), for tests that look inside.
@@ -23,6 +197,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// With `TERN_TEST_POSTGRES`: the server's schema (last, so dropped after the rest).
+    pg: Option<Arc<PgSchema>>,
 }
 
 impl TestServer {
@@ -35,11 +211,23 @@ impl TestServer {
         Self::start_in(dir, tweak).await
     }
 
-    pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    /// Starts on `dir`: a fresh `TempDir`, or the [`DataDir`] a stopped server returned (with
+    /// PostgreSQL, the same schema).
+    pub async fn start_in(dir: impl Into<DataDir>, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let DataDir { dir, pg } = dir.into();
         let mut config = Config {
             data_dir: dir.path().to_owned(),
             ..Config::default()
         };
+        if let (Some(url), Some(schema)) = (postgres_url(), &pg) {
+            let storage = &mut config.storage;
+            storage.backend = tern_server::config::StorageBackend::Postgres;
+            storage.postgres.url = url;
+            storage.postgres.schema = schema.name.clone();
+            storage.postgres.pool_size = 4;
+            // Its own, so that a test can find (and terminate) this server's connections.
+            storage.postgres.application_name = format!("ternd-{}", schema.name);
+        }
         config.last_seen_flush_secs = 1;
         // Tests are not about password cost: keep argon2id cheap so that many accounts are quick.
         config.password_hashing = tern_server::auth::PasswordHashing {
@@ -61,7 +249,7 @@ impl TestServer {
         };
         config.connections.max_per_address = 0;
         tweak(&mut config);
-        let state = AppState::build(config).expect("state");
+        let state = AppState::build(config).await.expect("state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -74,6 +262,7 @@ impl TestServer {
             dir,
             shutdown,
             task: Some(task),
+            pg,
         }
     }
 
@@ -81,8 +270,8 @@ impl TestServer {
         format!("http://{}", self.addr)
     }
 
-    /// Graceful shutdown; returns the data directory for a restart.
-    pub async fn stop(mut self) -> tempfile::TempDir {
+    /// Graceful shutdown; returns the data directory (and its schema) for a restart.
+    pub async fn stop(mut self) -> DataDir {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(15), t)
@@ -92,7 +281,10 @@ impl TestServer {
                 .expect("server ran cleanly");
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        std::mem::replace(&mut self.dir, dir)
+        DataDir {
+            dir: std::mem::replace(&mut self.dir, dir),
+            pg: self.pg.take(),
+        }
     }
 
     pub fn http(&self) -> Http {
@@ -415,6 +607,9 @@ impl Raw {
 pub struct Ternd {
     pub child: Child,
     pub addr: SocketAddr,
+    /// With `TERN_TEST_POSTGRES`: its schema, dropped (once the process is killed) unless
+    /// something else still uses it.
+    pg: Option<Arc<PgSchema>>,
 }
 
 /// Settings that lift the per-address and per-device limits for tests whose load all comes
@@ -453,17 +648,45 @@ pub fn spawn_ternd_with(
 }
 
 /// The arguments of `ternd serve` on a free port in `data_dir`, with `--set` for each setting.
+/// With `TERN_TEST_POSTGRES`, first the settings of the PostgreSQL backend, in the schema of
+/// `data_dir` (see [`DataDir`]).
 pub fn ternd_args(cmd: &mut Command, data_dir: &std::path::Path, settings: &[&str]) {
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir);
+    if let Some(url) = postgres_url() {
+        let schema = schema_name_for(data_dir);
+        // Quoted as TOML, so that any URL is taken as the string it is.
+        let url = format!("\"{}\"", url.replace('\\', "\\\\").replace('"', "\\\""));
+        cmd.args(["--set", "storage.backend=postgres"])
+            .args(["--set", &format!("storage.postgres.url={url}")])
+            .args(["--set", &format!("{SCHEMA_SETTING}{schema}")])
+            .args(["--set", "storage.postgres.pool_size=4"])
+            .args([
+                "--set",
+                &format!("storage.postgres.application_name=\"ternd-{schema}\""),
+            ]);
+    }
     for s in settings {
         cmd.args(["--set", s]);
     }
 }
 
+const SCHEMA_SETTING: &str = "storage.postgres.schema=";
+
 /// Starts `cmd` (which runs `ternd serve`, perhaps through a wrapper) and reads the bound
 /// address from its log.
 pub fn spawn_ternd_command(mut cmd: Command, level: &str, log: Option<&std::path::Path>) -> Ternd {
+    // The schema [`ternd_args`] chose (the last one given wins in ternd too): held while the
+    // process runs.
+    let pg = postgres_url().and_then(|url| {
+        let name = cmd
+            .get_args()
+            .filter_map(|a| a.to_str()?.strip_prefix(SCHEMA_SETTING))
+            .last()?
+            .trim_matches('"')
+            .to_owned();
+        tern_store::postgres::valid_schema_name(&name).then(|| schema_guard(&url, &name))
+    });
     let mut log = log.map(|p| std::fs::File::create(p).expect("log file"));
     let mut child = cmd
         .env("TERN_LOG", level)
@@ -496,7 +719,7 @@ pub fn spawn_ternd_command(mut cmd: Command, level: &str, log: Option<&std::path
         .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
         .parse()
         .expect("address");
-    Ternd { child, addr }
+    Ternd { child, addr, pg }
 }
 
 impl Drop for Ternd {
