@@ -1915,7 +1915,7 @@ async fn sqlite_migration_backfills_mailbox_totals() {
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 4);
+        assert_eq!(version, 5);
         let totals: Vec<(u64, i64, i64)> = c
             .prepare("SELECT id, mailbox_entries, mailbox_bytes FROM devices ORDER BY id")
             .expect("prepare")
@@ -1939,4 +1939,104 @@ async fn sqlite_migration_backfills_mailbox_totals() {
     );
     let post = bounded(to(&alice[0], bob_id, "m3", &[b0, b1]), 3, 11 + 7);
     assert_eq!(stored_seq(&s.post_message(post).await.expect("fits")), 3);
+}
+
+/// Migration 5 renumbers the direct conversations of an older database to the ids computed from
+/// their users (`logic::direct_conversation_id`), in every table: the history, the mailboxes and
+/// the receipt watermarks follow, groups keep theirs, and the conversation goes on.
+#[tokio::test]
+async fn sqlite_migration_renumbers_direct_conversations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.db");
+    let (alice, bob, gid) = {
+        let s = sqlite::SqliteStore::open(&path, sqlite::SqliteOptions::default()).expect("open");
+        let alice = user(&s, "alice", 1).await;
+        let bob = user(&s, "bob", 1).await;
+        let gid = s
+            .create_group(new_group(&alice[0], &[bob[0].user_id]))
+            .await
+            .expect("group")
+            .group
+            .id;
+        for id in ["m1", "m2"] {
+            s.post_message(to(&alice[0], bob[0].user_id, id, &ids(&bob)))
+                .await
+                .expect("post");
+        }
+        s.post_message(group_post(&alice[0], gid, "g1"))
+            .await
+            .expect("group post");
+        // bob's mailbox: CREATED (1), m1 (2), m2 (3), g1 (4); he acknowledges m1.
+        s.ack(bob[0].clone(), 2, 2000).await.expect("ack");
+        s.close().await;
+        (alice, bob, gid)
+    };
+    let direct = logic::direct_conversation_id(alice[0].user_id, bob[0].user_id) as i64;
+    {
+        // Back to version 4, as a server before migration 5 wrote it: the direct conversation
+        // had the next free rowid.
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        c.execute_batch(&format!(
+            "UPDATE messages SET conversation_id = 100 WHERE conversation_id = {direct};
+             UPDATE mailbox SET conversation_id = 100 WHERE conversation_id = {direct};
+             UPDATE receipts SET conversation_id = 100 WHERE conversation_id = {direct};
+             UPDATE conversations SET id = 100 WHERE id = {direct};
+             PRAGMA user_version = 4;"
+        ))
+        .expect("back to version 4");
+    }
+    let s = sqlite::SqliteStore::open(&path, sqlite::SqliteOptions::default()).expect("migrate");
+    {
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        let convs: Vec<i64> = c
+            .prepare("SELECT id FROM conversations ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(convs, vec![gid as i64, direct]);
+        let stale: i64 = c
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM messages WHERE conversation_id = 100)
+                      + (SELECT COUNT(*) FROM mailbox WHERE conversation_id = 100)
+                      + (SELECT COUNT(*) FROM receipts WHERE conversation_id = 100)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(stale, 0, "nothing refers to the old id");
+    }
+    assert_eq!(
+        messages_of(&s, bob[0].device_id)
+            .await
+            .iter()
+            .map(|m| m.1)
+            .collect::<Vec<_>>(),
+        vec![2, 2],
+        "m2 (direct seq 2) and g1 (group seq 2) wait for bob"
+    );
+    assert!(
+        s.are_contacts(alice[0].user_id, bob[0].user_id)
+            .await
+            .expect("contacts")
+    );
+    let out = s
+        .post_message(to(&alice[0], bob[0].user_id, "m3", &ids(&bob)))
+        .await
+        .expect("post after the migration");
+    assert_eq!(stored_seq(&out), 3, "the conversation goes on");
+    // The delivered watermark moved with it: marking m3 read grows it from 1 to 3.
+    let receipts = s
+        .mark_read(bob[0].clone(), Target::User(alice[0].user_id), 3, 3000)
+        .await
+        .expect("read");
+    assert!(!receipts.is_empty());
+    let next_group = s
+        .create_group(new_group(&alice[0], &[bob[0].user_id]))
+        .await
+        .expect("another group")
+        .group
+        .id;
+    assert_eq!(next_group, gid + 1, "group ids stay small");
 }

@@ -27,7 +27,14 @@ pub fn create_user(c: &Connection, name: &str, hash: &str, now: i64) -> Result<U
         params![name, hash, now],
     );
     match r {
-        Ok(_) => Ok(c.last_insert_rowid() as UserId),
+        Ok(_) => {
+            let user = c.last_insert_rowid() as UserId;
+            if user > crate::logic::MAX_ID {
+                // The direct conversation ids are built from two user ids of 32 bits each.
+                return Err(StoreError::Invalid("no more user ids".into()));
+            }
+            Ok(user)
+        }
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
@@ -200,10 +207,10 @@ pub fn set_privacy(c: &Connection, user: UserId, v: Visibility) -> Result<(), St
 }
 
 pub fn are_contacts(c: &Connection, a: UserId, b: UserId) -> Result<bool, StoreError> {
-    let (lo, hi) = (a.min(b), a.max(b));
+    let id = crate::logic::direct_conversation_id(a, b) as i64;
     Ok(
-        c.prepare_cached("SELECT 1 FROM conversations WHERE user_lo = ?1 AND user_hi = ?2")?
-            .exists(params![lo as i64, hi as i64])?,
+        c.prepare_cached("SELECT 1 FROM conversations WHERE id = ?1")?
+            .exists([id])?,
     )
 }
 

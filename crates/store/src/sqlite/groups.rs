@@ -174,9 +174,18 @@ pub fn create_group(
         return Err(StoreError::GroupFull(max));
     }
     let targets = users(c, &members)?;
-    c.prepare_cached("INSERT INTO conversations (kind) VALUES (1)")?
-        .execute([])?;
-    let conv = c.last_insert_rowid();
+    // Group ids stay below 2^32 (direct conversations have the ids above): the next one after
+    // the highest group id, not SQLite's next rowid.
+    let conv: i64 = c
+        .prepare_cached(
+            "INSERT INTO conversations (id, kind)
+             SELECT COALESCE(MAX(id), 0) + 1, 1 FROM conversations WHERE kind = 1
+             RETURNING id",
+        )?
+        .query_row([], |r| r.get(0))?;
+    if conv as u64 > crate::logic::MAX_ID {
+        return Err(StoreError::Invalid("no more group ids".into()));
+    }
     c.prepare_cached(
         "INSERT INTO groups (conversation_id, name, description, members_can_add, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",

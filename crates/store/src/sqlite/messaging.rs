@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::accounts::{delete_mailbox, device_ids, user_ref};
 use super::cache::WriterCache;
 use super::db_error;
-use crate::logic::check_device_set;
+use crate::logic::{check_device_set, direct_conversation_id};
 use crate::*;
 
 pub const KIND_GROUP: i64 = 1;
@@ -58,12 +58,14 @@ pub fn conversation_by_id(c: &Connection, id: i64) -> Result<ConvRow, StoreError
     })
 }
 
-/// The id of the direct conversation between two users, if they have one.
+/// The id of the direct conversation between two users, if they have one (computed from the
+/// pair, `logic::direct_conversation_id`; migration 5 renumbered older ones).
 fn direct_id(c: &Connection, a: UserId, b: UserId) -> Result<Option<i64>, StoreError> {
+    let id = direct_conversation_id(a, b) as i64;
     Ok(
-        c.prepare_cached("SELECT id FROM conversations WHERE user_lo = ?1 AND user_hi = ?2")?
-            .query_row(params![a.min(b) as i64, a.max(b) as i64], |r| r.get(0))
-            .optional()?,
+        c.prepare_cached("SELECT 1 FROM conversations WHERE id = ?1")?
+            .exists([id])?
+            .then_some(id),
     )
 }
 
@@ -373,13 +375,12 @@ pub fn post_message(
             } else {
                 (recipient.clone(), sender.clone())
             };
-            let conv_id: i64 = c
-                .prepare_cached(
-                    "INSERT INTO conversations (kind, user_lo, user_hi) VALUES (0, ?1, ?2)
-                     ON CONFLICT (user_lo, user_hi) DO UPDATE SET next_seq = next_seq
-                     RETURNING id",
-                )?
-                .query_row(params![lo.id as i64, hi.id as i64], |r| r.get(0))?;
+            let conv_id = direct_conversation_id(lo.id, hi.id) as i64;
+            c.prepare_cached(
+                "INSERT INTO conversations (id, kind, user_lo, user_hi) VALUES (?1, 0, ?2, ?3)
+                 ON CONFLICT (id) DO NOTHING",
+            )?
+            .execute(params![conv_id, lo.id as i64, hi.id as i64])?;
             let seq = next_seq(c, conv_id)?;
             let to: Vec<_> = p
                 .devices

@@ -161,6 +161,25 @@ const MIGRATIONS: &[&str] = &[
         mailbox_entries = (SELECT COUNT(*) FROM mailbox m WHERE m.device_id = devices.id),
         mailbox_bytes = (SELECT COALESCE(SUM(m.size), 0) FROM mailbox m WHERE m.device_id = devices.id);
     "#,
+    // 5: direct conversations get the id computed from their pair of users,
+    //    `logic::direct_conversation_id` = user_lo << 32 | user_hi (>= 2^32), so that any node
+    //    knows it without a lookup. Old ids were small rowids (< 2^32), so the new ones collide
+    //    with none of them; every table naming a conversation follows. Group ids do not change.
+    r#"
+    CREATE TEMP TABLE conv_renumber AS
+        SELECT id AS old, (user_lo << 32) | user_hi AS new FROM conversations WHERE kind = 0;
+    UPDATE messages SET conversation_id =
+        (SELECT new FROM conv_renumber WHERE old = messages.conversation_id)
+        WHERE conversation_id IN (SELECT old FROM conv_renumber);
+    UPDATE mailbox SET conversation_id =
+        (SELECT new FROM conv_renumber WHERE old = mailbox.conversation_id)
+        WHERE conversation_id IN (SELECT old FROM conv_renumber);
+    UPDATE receipts SET conversation_id =
+        (SELECT new FROM conv_renumber WHERE old = receipts.conversation_id)
+        WHERE conversation_id IN (SELECT old FROM conv_renumber);
+    UPDATE conversations SET id = (user_lo << 32) | user_hi WHERE kind = 0;
+    DROP TABLE conv_renumber;
+    "#,
 ];
 
 /// Brings the database to the latest schema.
