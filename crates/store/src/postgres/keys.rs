@@ -91,7 +91,7 @@ pub async fn publish_keys<C: GenericClient>(
         execute(
             c,
             "INSERT INTO one_time_keys (device_id, key_id, key, signature)
-             SELECT DISTINCT ON (k) $1, k, v, s FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[])
+             SELECT DISTINCT ON (k) $1::BIGINT, k, v, s FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[])
                     WITH ORDINALITY AS a(k, v, s, n)
              ORDER BY k, n
              ON CONFLICT (device_id, key_id) DO NOTHING",

@@ -179,10 +179,13 @@ pub async fn finish_upload<C: GenericClient>(
             "the upload did not hash to its declared id".into(),
         ));
     }
-    // An existing object keeps its recorded size: it is the same bytes.
+    // An existing object keeps its recorded size: it is the same bytes. Its row is locked
+    // (KEY SHARE, as the reference's foreign key check would) so that `forget_media` cannot
+    // delete it between here and the reference; an object being forgotten right now is waited
+    // for, and then found gone (and stored anew).
     let size = query_opt(
         c,
-        "SELECT size FROM media WHERE id = $1",
+        "SELECT size FROM media WHERE id = $1 FOR KEY SHARE",
         &[&media.as_slice()],
     )
     .await?
@@ -225,28 +228,39 @@ pub async fn media<C: GenericClient>(
 
 pub async fn claim_media<C: GenericClient>(
     c: &C,
-    id_: &MediaHash,
+    hash: &MediaHash,
     user: UserId,
     expires: i64,
     now_ms: i64,
     limits: MediaLimits,
 ) -> Result<Option<MediaGrant>, StoreError> {
     lock_quota(c, user).await?;
-    let Some(m) = media(c, id_).await? else {
+    // The object's row, locked (see `finish_upload`): one being forgotten now is waited for and
+    // then found gone, and once locked it stays until the reference is committed.
+    let Some(m) = query_opt(
+        c,
+        "SELECT size FROM media WHERE id = $1 FOR KEY SHARE",
+        &[&hash.as_slice()],
+    )
+    .await?
+    .map(|r| r.col::<i64>(0))
+    .transpose()?
+    else {
         return Ok(None);
     };
+    let size = m as u64;
     let holds: bool = query_one(
         c,
         "SELECT EXISTS (SELECT 1 FROM media_refs
                         WHERE user_id = $1 AND media_id = $2 AND expires_at > $3)",
-        &[&id(user), &id_.as_slice(), &now_ms],
+        &[&id(user), &hash.as_slice(), &now_ms],
     )
     .await?
     .col(0)?;
     if !holds {
-        check_quota(c, user, m.size, now_ms, limits).await?;
+        check_quota(c, user, size, now_ms, limits).await?;
     }
-    reference(c, id_, m.size, user, expires, now_ms)
+    reference(c, hash, size, user, expires, now_ms)
         .await
         .map(Some)
 }
@@ -302,10 +316,17 @@ pub async fn forget_media<C: GenericClient>(
     now_ms: i64,
 ) -> Result<bool, StoreError> {
     // References go with the object (ON DELETE CASCADE); only dead ones can be left.
+    //
+    // SKIP LOCKED: an object whose row a claim or a completed upload holds locked (its
+    // reference not yet committed, so invisible to the NOT EXISTS below) is not forgotten this
+    // time. Waiting for the lock instead would not help: the DELETE would go ahead once it is
+    // released, with the check evaluated before, and take the new reference with it.
     Ok(execute(
         c,
-        "DELETE FROM media WHERE id = $1 AND NOT EXISTS
-           (SELECT 1 FROM media_refs r WHERE r.media_id = $1 AND r.expires_at > $2)",
+        "DELETE FROM media
+         WHERE id = (SELECT id FROM media WHERE id = $1 FOR UPDATE SKIP LOCKED)
+           AND NOT EXISTS
+             (SELECT 1 FROM media_refs r WHERE r.media_id = $1 AND r.expires_at > $2)",
         &[&media.as_slice(), &now_ms],
     )
     .await?

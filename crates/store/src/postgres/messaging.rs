@@ -429,7 +429,24 @@ pub async fn post_messages<C: GenericClient>(
     Ok(out)
 }
 
-async fn post_message<C: GenericClient>(c: &C, p: &NewMessage) -> Result<PostOutcome, StoreError> {
+/// Whether a post's error is the post's own refusal (bad addressing, not a member, a full
+/// mailbox, …), as opposed to a failure of the transaction it ran in.
+pub fn is_refusal(e: &StoreError) -> bool {
+    !matches!(
+        e,
+        StoreError::Contended { .. }
+            | StoreError::Unavailable { .. }
+            | StoreError::Database { .. }
+            | StoreError::Closed
+    )
+}
+
+/// Stores one post (see `Store::post_message`); the caller's transaction (or savepoint) is
+/// rolled back if it fails.
+pub async fn post_message<C: GenericClient>(
+    c: &C,
+    p: &NewMessage,
+) -> Result<PostOutcome, StoreError> {
     if let Some(r) = query_opt(
         c,
         "SELECT seq, server_ts FROM messages WHERE sender_device = $1 AND client_msg_id = $2",

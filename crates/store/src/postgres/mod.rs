@@ -12,7 +12,11 @@
 //!   transaction holding `next_mseq = n` must commit (or roll back, undoing the increment)
 //!   before another can take `n + 1`. That is the cursor contract of [`crate::Store`]: once an
 //!   entry is visible, every entry below it is visible.
-//! - a user's row is locked by the writes that check a per-user bound (devices, media quota).
+//! - the writes that check a per-user bound lock the user first: its row for the device count,
+//!   an advisory lock keyed by its id for the media quota;
+//! - a media object's row is share-locked by a claim or completed upload until its reference
+//!   commits, and garbage collection skips locked objects (`FOR UPDATE SKIP LOCKED`) instead of
+//!   deleting one a reference is being added to.
 //!
 //! A transaction that loses a deadlock or a serialisation check is run again from the start
 //! (at most [`MAX_ATTEMPTS`] times, then [`StoreError::Contended`]); so is one that found the
@@ -407,6 +411,15 @@ impl Store for PgStore {
         &self,
         posts: Vec<NewMessage>,
     ) -> Result<Vec<Result<PostOutcome, StoreError>>, StoreError> {
+        if let [post] = posts.as_slice() {
+            // One post needs no savepoint (two round trips fewer): a refusal rolls the whole
+            // transaction back.
+            return match transaction!(self, |t| messaging::post_message(&t, post).await) {
+                Ok(outcome) => Ok(vec![Ok(outcome)]),
+                Err(e) if messaging::is_refusal(&e) => Ok(vec![Err(e)]),
+                Err(e) => Err(e),
+            };
+        }
         transaction!(self, |t| messaging::post_messages(&t, &posts).await)
     }
 
