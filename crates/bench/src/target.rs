@@ -170,7 +170,9 @@ impl Drop for Target {
                 .args([
                     url.as_str(),
                     "-qAtc",
-                    &format!("DROP SCHEMA IF EXISTS {name} CASCADE"),
+                    &format!(
+                        "SET client_min_messages = warning; DROP SCHEMA IF EXISTS {name} CASCADE"
+                    ),
                 ])
                 .status();
             if !dropped.is_ok_and(|s| s.success()) {

@@ -396,39 +396,6 @@ pub async fn post_system<C: GenericClient>(
     Ok((seq, deliveries))
 }
 
-/// Stores several posts in order, each inside a savepoint of the caller's transaction: a
-/// refused post changes nothing and does not affect the others. Failures of the transaction
-/// itself (conflicts, a lost connection) end the whole call, so that it is retried or failed
-/// as one.
-pub async fn post_messages<C: GenericClient>(
-    c: &C,
-    posts: &[NewMessage],
-) -> Result<Vec<Result<PostOutcome, StoreError>>, StoreError> {
-    let mut out = Vec::with_capacity(posts.len());
-    for post in posts {
-        c.batch_execute("SAVEPOINT post").await.map_err(pg)?;
-        let r = post_message(c, post).await;
-        match r {
-            Err(
-                e @ (StoreError::Contended { .. }
-                | StoreError::Unavailable { .. }
-                | StoreError::Database { .. }
-                | StoreError::Closed),
-            ) => return Err(e),
-            Ok(_) => c
-                .batch_execute("RELEASE SAVEPOINT post")
-                .await
-                .map_err(pg)?,
-            Err(_) => c
-                .batch_execute("ROLLBACK TO SAVEPOINT post; RELEASE SAVEPOINT post")
-                .await
-                .map_err(pg)?,
-        }
-        out.push(r);
-    }
-    Ok(out)
-}
-
 /// Whether a post's error is the post's own refusal (bad addressing, not a member, a full
 /// mailbox, …), as opposed to a failure of the transaction it ran in.
 pub fn is_refusal(e: &StoreError) -> bool {

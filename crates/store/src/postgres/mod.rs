@@ -142,8 +142,9 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     }
     let class = &code.code()[..2];
     // 08: connection exception; 53: insufficient resources; 57: operator intervention
-    // (statement timeout, admin shutdown, cannot connect now).
-    if matches!(class, "08" | "53" | "57") {
+    // (statement timeout, admin shutdown, cannot connect now); a lock waited for past
+    // `lock_timeout`.
+    if matches!(class, "08" | "53" | "57") || *code == SqlState::LOCK_NOT_AVAILABLE {
         return unavailable(e.to_string());
     }
     let message = match e.as_db_error() {
@@ -411,16 +412,29 @@ impl Store for PgStore {
         &self,
         posts: Vec<NewMessage>,
     ) -> Result<Vec<Result<PostOutcome, StoreError>>, StoreError> {
-        if let [post] = posts.as_slice() {
-            // One post needs no savepoint (two round trips fewer): a refusal rolls the whole
-            // transaction back.
-            return match transaction!(self, |t| messaging::post_message(&t, post).await) {
-                Ok(outcome) => Ok(vec![Ok(outcome)]),
-                Err(e) if messaging::is_refusal(&e) => Ok(vec![Err(e)]),
-                Err(e) => Err(e),
-            };
+        // One transaction per post: a post holds its conversation's row and its recipients'
+        // mailbox heads only for its own round trips. (One transaction for a connection's
+        // pipelined batch held them for the whole batch, and the recipients'
+        // acknowledgements queued behind it: at 100 pairs with 64 in flight, throughput
+        // collapsed.) Concurrent commits still share WAL flushes.
+        // A failure of the database fails that post and every later one (they are not tried:
+        // the order of one sender's posts is kept); the ones before it are stored.
+        let mut out: Vec<Result<PostOutcome, StoreError>> = Vec::with_capacity(posts.len());
+        let mut failed: Option<StoreError> = None;
+        for post in &posts {
+            if let Some(e) = &failed {
+                out.push(Err(e.clone()));
+                continue;
+            }
+            let r = transaction!(self, |t| messaging::post_message(&t, post).await);
+            if let Err(e) = &r
+                && !messaging::is_refusal(e)
+            {
+                failed = Some(e.clone());
+            }
+            out.push(r);
         }
-        transaction!(self, |t| messaging::post_messages(&t, &posts).await)
+        Ok(out)
     }
 
     async fn mailbox_after(
