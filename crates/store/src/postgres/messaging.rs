@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::GenericClient;
 
-use super::accounts::{delete_mailbox, user_ref};
+use super::accounts::delete_mailbox;
 use super::{RowExt, execute, id, is_unique_violation, pg, query, query_opt};
 use crate::logic::{check_device_set, direct_conversation_id};
 use crate::*;
@@ -497,30 +497,42 @@ pub async fn post_message<C: GenericClient>(
             let deliveries = store_message(c, conv_id, record, to, Some(p.mailbox)).await?;
             (seq, deliveries)
         }
-        Target::User(recipient) => {
-            let recipient = user_ref(c, recipient)
-                .await?
-                .ok_or(StoreError::NotFound("recipient"))?;
-            // The addressed set must be exactly: every device of the recipient and every other
+        Target::User(recipient_id) => {
+            // The recipient's name and the devices of both users, in one statement. The
+            // addressed set must be exactly: every device of the recipient and every other
             // device of the sender (for a note to self, the two coincide).
-            let owners: Vec<i64> = vec![id(recipient.id), id(sender.id)];
+            let owners: Vec<i64> = vec![id(recipient_id), id(sender.id)];
+            let mut recipient_name = None;
             let mut recipient_devices = Vec::new();
             let mut expected = Vec::new();
             for r in query(
                 c,
-                "SELECT id, user_id FROM devices WHERE user_id = ANY($1) ORDER BY id",
+                "SELECT u.id, u.username, d.id FROM users u
+                 LEFT JOIN devices d ON d.user_id = u.id
+                 WHERE u.id = ANY($1) ORDER BY d.id",
                 &[&owners],
             )
             .await?
             {
-                let (d, u) = (r.col::<i64>(0)? as DeviceId, r.col::<i64>(1)? as UserId);
-                if u == recipient.id {
+                let u = r.col::<i64>(0)? as UserId;
+                if u == recipient_id {
+                    recipient_name = Some(r.col::<String>(1)?);
+                }
+                let Some(d) = r.col::<Option<i64>>(2)? else {
+                    continue;
+                };
+                let d = d as DeviceId;
+                if u == recipient_id {
                     recipient_devices.push(d);
                 }
-                if d != p.sender.device_id {
+                if d != p.sender.device_id && !expected.contains(&d) {
                     expected.push(d);
                 }
             }
+            let recipient = UserRef {
+                id: recipient_id,
+                username: recipient_name.ok_or(StoreError::NotFound("recipient"))?,
+            };
             let addressed: Vec<DeviceId> = p.devices.iter().map(|d| d.device).collect();
             check_device_set(&expected, &addressed)?;
             let (lo, hi) = if sender.id <= recipient.id {
