@@ -2,7 +2,124 @@
 
 use std::collections::BTreeSet;
 
-use crate::{DeviceId, GroupOp, Role, StoreError, UserId};
+use tern_proto::frames::{GroupAction, GroupEvent, UserRef as WireUser};
+
+use crate::{
+    DeviceAuth, DeviceId, GroupOp, GroupRecord, MediaHash, MemberRecord, Role, StoreError,
+    UploadRecord, UserId, UserRef, Visibility,
+};
+
+/// How every backend stores a last-seen visibility.
+pub fn visibility_code(v: Visibility) -> i16 {
+    match v {
+        Visibility::Everyone => 0,
+        Visibility::Contacts => 1,
+        Visibility::Nobody => 2,
+    }
+}
+
+pub fn visibility_from_code(code: i64) -> Visibility {
+    match code {
+        1 => Visibility::Contacts,
+        2 => Visibility::Nobody,
+        _ => Visibility::Everyone,
+    }
+}
+
+/// How every backend stores a member's role.
+pub fn role_code(r: Role) -> i16 {
+    match r {
+        Role::Owner => 2,
+        Role::Admin => 1,
+        Role::Member => 0,
+    }
+}
+
+pub fn role_from_code(code: i64) -> Role {
+    match code {
+        2 => Role::Owner,
+        1 => Role::Admin,
+        _ => Role::Member,
+    }
+}
+
+/// A group's name, description and settings: what every group event states after it.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub name: String,
+    pub description: String,
+    pub members_can_add: bool,
+}
+
+impl GroupSettings {
+    pub fn of(g: &GroupRecord) -> GroupSettings {
+        GroupSettings {
+            name: g.name.clone(),
+            description: g.description.clone(),
+            members_can_add: g.members_can_add,
+        }
+    }
+}
+
+/// The system message of a group change by `actor` (encoded, it is the message's body).
+pub fn group_event(
+    action: GroupAction,
+    actor: &DeviceAuth,
+    targets: &[UserRef],
+    st: &GroupSettings,
+) -> GroupEvent {
+    let wire = |u: &UserRef| WireUser {
+        user_id: u.id,
+        username: u.username.clone(),
+    };
+    GroupEvent {
+        action: action as i32,
+        actor: Some(WireUser {
+            user_id: actor.user_id,
+            username: actor.username.clone(),
+        }),
+        targets: targets.iter().map(wire).collect(),
+        name: st.name.clone(),
+        members_can_add: st.members_can_add,
+        description: st.description.clone(),
+    }
+}
+
+/// Who owns a group after its owner `leaving` leaves: the longest-standing admin, else the
+/// longest-standing member; `None` if nobody is left.
+pub fn heir(group: &GroupRecord, leaving: UserId) -> Option<&MemberRecord> {
+    group
+        .members
+        .iter()
+        .filter(|m| m.user.id != leaving)
+        .min_by_key(|m| (m.role == Role::Member, m.joined_seq, m.user.id))
+}
+
+/// Whether an upload may complete as `media` with `size` bytes: not complete yet, of its
+/// declared length, and hashing to its declared id if it declared one.
+pub fn check_upload_completion(
+    up: &UploadRecord,
+    media: &MediaHash,
+    size: u64,
+) -> Result<(), StoreError> {
+    if up.media.is_some() {
+        return Err(StoreError::Invalid("the upload is already complete".into()));
+    }
+    if up.length != size {
+        return Err(StoreError::Invalid(format!(
+            "the upload is {} bytes, not {size}",
+            up.length
+        )));
+    }
+    if let Some(expected) = up.expected
+        && expected != *media
+    {
+        return Err(StoreError::Invalid(
+            "the upload did not hash to its declared id".into(),
+        ));
+    }
+    Ok(())
+}
 
 /// The id of the direct conversation of two users, computed from the ordered pair so that
 /// any node knows it without a lookup (and a sharded deployment can route by it): `lo << 32 |

@@ -205,6 +205,23 @@ pub struct NewMessage {
     pub mailbox: MailboxLimit,
 }
 
+impl NewMessage {
+    /// The stored message this post becomes in `conversation` at `seq`.
+    pub fn record(&self, conversation: Conversation, seq: u64) -> MessageRecord {
+        MessageRecord {
+            conversation,
+            seq,
+            kind: MessageKind::User,
+            sender_user: self.sender.user_id,
+            sender_username: self.sender.username.clone(),
+            sender_device: self.sender.device_id,
+            client_msg_id: self.client_msg_id.clone(),
+            server_ts_ms: self.now_ms,
+            body: Arc::from(&self.body[..]),
+        }
+    }
+}
+
 /// A stored message as a device receives it. Shared (`Arc`) between the deliveries of one post.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRecord {

@@ -6,22 +6,6 @@ use super::{RowExt, execute, id, is_unique_violation, pg, query, query_opt};
 use crate::logic::MAX_ID;
 use crate::*;
 
-fn visibility_from(i: i16) -> Visibility {
-    match i {
-        1 => Visibility::Contacts,
-        2 => Visibility::Nobody,
-        _ => Visibility::Everyone,
-    }
-}
-
-fn visibility_to(v: Visibility) -> i16 {
-    match v {
-        Visibility::Everyone => 0,
-        Visibility::Contacts => 1,
-        Visibility::Nobody => 2,
-    }
-}
-
 pub async fn create_user<C: GenericClient>(
     c: &C,
     name: &str,
@@ -67,7 +51,7 @@ pub async fn user_by_name<C: GenericClient>(
         username: r.col(1)?,
         password_hash: r.col(2)?,
         last_seen_ms: r.col(3)?,
-        last_seen_privacy: visibility_from(r.col(4)?),
+        last_seen_privacy: logic::visibility_from_code(r.col::<i16>(4)?.into()),
     }))
 }
 
@@ -281,7 +265,7 @@ pub async fn set_privacy<C: GenericClient>(
     let n = execute(
         c,
         "UPDATE users SET last_seen_privacy = $2 WHERE id = $1",
-        &[&id(user), &visibility_to(v)],
+        &[&id(user), &logic::visibility_code(v)],
     )
     .await?;
     if n == 0 {

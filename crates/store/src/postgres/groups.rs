@@ -5,36 +5,15 @@
 
 use deadpool_postgres::GenericClient;
 use prost::Message as _;
-use tern_proto::frames::{GroupAction, GroupEvent, UserRef as WireUser};
+use tern_proto::frames::GroupAction;
 
 use super::accounts::user_ref;
 use super::messaging::{KIND_GROUP, member_group, post_system};
 use super::{RowExt, execute, id, query, query_one, query_opt};
-use crate::logic::{MAX_ID, authorize};
+use crate::logic::{
+    GroupSettings, MAX_ID, authorize, group_event, heir, role_code, role_from_code,
+};
 use crate::*;
-
-fn role_from(i: i16) -> Role {
-    match i {
-        2 => Role::Owner,
-        1 => Role::Admin,
-        _ => Role::Member,
-    }
-}
-
-fn role_to(r: Role) -> i16 {
-    match r {
-        Role::Owner => 2,
-        Role::Admin => 1,
-        Role::Member => 0,
-    }
-}
-
-fn wire(u: &UserRef) -> WireUser {
-    WireUser {
-        user_id: u.id,
-        username: u.username.clone(),
-    }
-}
 
 pub async fn group<C: GenericClient>(
     c: &C,
@@ -66,7 +45,7 @@ pub async fn group<C: GenericClient>(
                 id: m.col::<i64>(0)? as UserId,
                 username: m.col(1)?,
             },
-            role: role_from(m.col(2)?),
+            role: role_from_code(m.col::<i16>(2)?.into()),
             joined_seq: m.col::<i64>(3)? as u64,
         })
     })
@@ -102,18 +81,10 @@ async fn insert_members<C: GenericClient>(
         c,
         "INSERT INTO members (conversation_id, user_id, role, joined_seq)
          SELECT $1, u, $3, $4 FROM UNNEST($2::BIGINT[]) AS u",
-        &[&conv, &ids, &role_to(role), &id(joined_seq)],
+        &[&conv, &ids, &role_code(role), &id(joined_seq)],
     )
     .await?;
     Ok(())
-}
-
-/// A group's name, description and settings: what every event states after it.
-#[derive(Clone)]
-struct Settings {
-    name: String,
-    description: String,
-    members_can_add: bool,
 }
 
 /// Everything one change wrote: the system messages' deliveries.
@@ -131,19 +102,9 @@ impl Events<'_> {
         c: &C,
         action: GroupAction,
         targets: &[UserRef],
-        st: &Settings,
+        st: &GroupSettings,
     ) -> Result<u64, StoreError> {
-        let event = GroupEvent {
-            action: action as i32,
-            actor: Some(WireUser {
-                user_id: self.actor.user_id,
-                username: self.actor.username.clone(),
-            }),
-            targets: targets.iter().map(wire).collect(),
-            name: st.name.clone(),
-            members_can_add: st.members_can_add,
-            description: st.description.clone(),
-        };
+        let event = group_event(action, self.actor, targets, st);
         let (seq, d) = post_system(
             c,
             self.conv,
@@ -206,7 +167,7 @@ pub async fn create_group<C: GenericClient>(
         now: new.now_ms,
         deliveries: Vec::new(),
     };
-    let st = Settings {
+    let st = GroupSettings {
         name: new.name.clone(),
         description: new.description.clone(),
         members_can_add: new.members_can_add,
@@ -249,11 +210,7 @@ pub async fn change_group<C: GenericClient>(
         _ => None,
     };
     authorize(op, actor_role, target_role, before.members_can_add)?;
-    let mut st = Settings {
-        name: before.name.clone(),
-        description: before.description.clone(),
-        members_can_add: before.members_can_add,
-    };
+    let mut st = GroupSettings::of(&before);
     let mut ev = Events {
         conv,
         actor,
@@ -307,12 +264,7 @@ pub async fn change_group<C: GenericClient>(
             ev.emit(c, GroupAction::Left, &me, &st).await?;
             remove(actor.user_id).await?;
             if actor_role == Role::Owner {
-                // Hand the group to the longest-standing admin, else the longest-standing member.
-                let heir = before
-                    .members
-                    .iter()
-                    .filter(|m| m.user.id != actor.user_id)
-                    .min_by_key(|m| (m.role == Role::Member, m.joined_seq, m.user.id));
+                let heir = heir(&before, actor.user_id);
                 if let Some(heir) = heir {
                     execute(
                         c,
@@ -419,7 +371,7 @@ pub async fn groups_of<C: GenericClient>(
         Ok(GroupSummaryRecord {
             id: r.col::<i64>(0)? as GroupId,
             name: r.col(1)?,
-            role: role_from(r.col(2)?),
+            role: role_from_code(r.col::<i16>(2)?.into()),
             member_count: r.col::<i64>(3)? as u64,
         })
     })

@@ -163,22 +163,7 @@ pub async fn finish_upload<C: GenericClient>(
         return Err(StoreError::NotFound("upload"));
     };
     let up = upload_from(upload_id, &row)?;
-    if up.media.is_some() {
-        return Err(StoreError::Invalid("the upload is already complete".into()));
-    }
-    if up.length != size {
-        return Err(StoreError::Invalid(format!(
-            "the upload is {} bytes, not {size}",
-            up.length
-        )));
-    }
-    if let Some(expected) = up.expected
-        && expected != *media
-    {
-        return Err(StoreError::Invalid(
-            "the upload did not hash to its declared id".into(),
-        ));
-    }
+    logic::check_upload_completion(&up, media, size)?;
     // An existing object keeps its recorded size: it is the same bytes. Its row is locked
     // (KEY SHARE, as the reference's foreign key check would) so that `forget_media` cannot
     // delete it between here and the reference; an object being forgotten right now is waited

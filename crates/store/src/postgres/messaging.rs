@@ -430,17 +430,6 @@ pub async fn post_message<C: GenericClient>(
         id: p.sender.user_id,
         username: p.sender.username.clone(),
     };
-    let record = |conversation, seq| MessageRecord {
-        conversation,
-        seq,
-        kind: MessageKind::User,
-        sender_user: sender.id,
-        sender_username: sender.username.clone(),
-        sender_device: p.sender.device_id,
-        client_msg_id: p.client_msg_id.clone(),
-        server_ts_ms: p.now_ms,
-        body: Arc::from(&p.body[..]),
-    };
     let (seq, deliveries) = match p.to {
         Target::Group(group) => {
             let conv_id = id(group);
@@ -493,7 +482,7 @@ pub async fn post_message<C: GenericClient>(
             .await?
             .ok_or(StoreError::NotFound("group"))?
             .col(0)?;
-            let record = record(Conversation::Group { id: group, name }, seq);
+            let record = p.record(Conversation::Group { id: group, name }, seq);
             let deliveries = store_message(c, conv_id, record, to, Some(p.mailbox)).await?;
             (seq, deliveries)
         }
@@ -564,7 +553,7 @@ pub async fn post_message<C: GenericClient>(
                     (d.device, user, d.body.clone())
                 })
                 .collect();
-            let record = record(Conversation::Direct { lo, hi }, seq as u64);
+            let record = p.record(Conversation::Direct { lo, hi }, seq as u64);
             let deliveries = store_message(c, conv_id, record, to, Some(p.mailbox)).await?;
             (seq as u64, deliveries)
         }

@@ -5,22 +5,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::*;
 
-fn visibility_from(i: i64) -> Visibility {
-    match i {
-        1 => Visibility::Contacts,
-        2 => Visibility::Nobody,
-        _ => Visibility::Everyone,
-    }
-}
-
-pub fn visibility_to(v: Visibility) -> i64 {
-    match v {
-        Visibility::Everyone => 0,
-        Visibility::Contacts => 1,
-        Visibility::Nobody => 2,
-    }
-}
-
 pub fn create_user(c: &Connection, name: &str, hash: &str, now: i64) -> Result<UserId, StoreError> {
     let r = c.execute(
         "INSERT INTO users (username, password_hash, created_at) VALUES (?1, ?2, ?3)",
@@ -54,7 +38,7 @@ pub fn user_by_name(c: &Connection, name: &str) -> Result<Option<UserRecord>, St
             username: r.get(1)?,
             password_hash: r.get(2)?,
             last_seen_ms: r.get(3)?,
-            last_seen_privacy: visibility_from(r.get(4)?),
+            last_seen_privacy: logic::visibility_from_code(r.get(4)?),
         })
     })
     .optional()?)
@@ -198,7 +182,7 @@ pub fn remove_device(c: &Connection, user: UserId, device: DeviceId) -> Result<(
 pub fn set_privacy(c: &Connection, user: UserId, v: Visibility) -> Result<(), StoreError> {
     let n = c.execute(
         "UPDATE users SET last_seen_privacy = ?2 WHERE id = ?1",
-        params![user as i64, visibility_to(v)],
+        params![user as i64, logic::visibility_code(v) as i64],
     )?;
     if n == 0 {
         return Err(StoreError::NotFound("user"));

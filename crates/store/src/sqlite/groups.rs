@@ -3,36 +3,13 @@
 
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
-use tern_proto::frames::{GroupAction, GroupEvent, UserRef as WireUser};
+use tern_proto::frames::GroupAction;
 
 use super::accounts::user_ref;
 use super::cache::WriterCache;
 use super::messaging::{member_group, post_system};
-use crate::logic::authorize;
+use crate::logic::{GroupSettings, authorize, group_event, heir, role_code, role_from_code};
 use crate::*;
-
-fn role_from(i: i64) -> Role {
-    match i {
-        2 => Role::Owner,
-        1 => Role::Admin,
-        _ => Role::Member,
-    }
-}
-
-fn role_to(r: Role) -> i64 {
-    match r {
-        Role::Owner => 2,
-        Role::Admin => 1,
-        Role::Member => 0,
-    }
-}
-
-fn wire(u: &UserRef) -> WireUser {
-    WireUser {
-        user_id: u.id,
-        username: u.username.clone(),
-    }
-}
 
 pub fn group(c: &Connection, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
     let conv = group as i64;
@@ -65,7 +42,7 @@ pub fn group(c: &Connection, group: GroupId) -> Result<Option<GroupRecord>, Stor
                     id: r.get::<_, i64>(0)? as UserId,
                     username: r.get(1)?,
                 },
-                role: role_from(r.get(2)?),
+                role: role_from_code(r.get(2)?),
                 joined_seq: r.get::<_, i64>(3)? as u64,
             })
         })?
@@ -97,16 +74,13 @@ fn insert_member(
     c.prepare_cached(
         "INSERT INTO members (conversation_id, user_id, role, joined_seq) VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![conv, user as i64, role_to(role), joined_seq as i64])?;
+    .execute(params![
+        conv,
+        user as i64,
+        role_code(role) as i64,
+        joined_seq as i64
+    ])?;
     Ok(())
-}
-
-/// A group's name, description and settings: what every event states after it.
-#[derive(Clone)]
-struct Settings {
-    name: String,
-    description: String,
-    members_can_add: bool,
 }
 
 /// Everything one change wrote: the system messages' deliveries.
@@ -125,19 +99,9 @@ impl Events<'_> {
         &mut self,
         action: GroupAction,
         targets: &[UserRef],
-        st: &Settings,
+        st: &GroupSettings,
     ) -> Result<u64, StoreError> {
-        let event = GroupEvent {
-            action: action as i32,
-            actor: Some(WireUser {
-                user_id: self.actor.user_id,
-                username: self.actor.username.clone(),
-            }),
-            targets: targets.iter().map(wire).collect(),
-            name: st.name.clone(),
-            members_can_add: st.members_can_add,
-            description: st.description.clone(),
-        };
+        let event = group_event(action, self.actor, targets, st);
         let (seq, d) = post_system(
             self.c,
             self.cache,
@@ -205,7 +169,7 @@ pub fn create_group(
         now,
         deliveries: Vec::new(),
     };
-    let st = Settings {
+    let st = GroupSettings {
         name: name.to_owned(),
         description,
         members_can_add,
@@ -235,11 +199,7 @@ pub fn change_group(
         _ => None,
     };
     authorize(&op, actor_role, target_role, before.members_can_add)?;
-    let mut st = Settings {
-        name: before.name.clone(),
-        description: before.description.clone(),
-        members_can_add: before.members_can_add,
-    };
+    let mut st = GroupSettings::of(&before);
     let mut ev = Events {
         c,
         cache,
@@ -297,12 +257,7 @@ pub fn change_group(
                 .execute(params![conv, actor.user_id as i64])?;
             ev.cache.invalidate(conv);
             if actor_role == Role::Owner {
-                // Hand the group to the longest-standing admin, else the longest-standing member.
-                let heir = before
-                    .members
-                    .iter()
-                    .filter(|m| m.user.id != actor.user_id)
-                    .min_by_key(|m| (m.role == Role::Member, m.joined_seq, m.user.id));
+                let heir = heir(&before, actor.user_id);
                 if let Some(heir) = heir {
                     c.prepare_cached(
                         "UPDATE members SET role = 2 WHERE conversation_id = ?1 AND user_id = ?2",
@@ -382,7 +337,7 @@ pub fn groups_of(
         Ok(GroupSummaryRecord {
             id: r.get::<_, i64>(0)? as GroupId,
             name: r.get(1)?,
-            role: role_from(r.get(2)?),
+            role: role_from_code(r.get(2)?),
             member_count: r.get::<_, i64>(3)? as u64,
         })
     })?;

@@ -141,22 +141,7 @@ pub fn finish_upload(
     let Some(up) = upload(c, id)? else {
         return Err(StoreError::NotFound("upload"));
     };
-    if up.media.is_some() {
-        return Err(StoreError::Invalid("the upload is already complete".into()));
-    }
-    if up.length != size {
-        return Err(StoreError::Invalid(format!(
-            "the upload is {} bytes, not {size}",
-            up.length
-        )));
-    }
-    if let Some(expected) = up.expected
-        && expected != *media
-    {
-        return Err(StoreError::Invalid(
-            "the upload did not hash to its declared id".into(),
-        ));
-    }
+    logic::check_upload_completion(&up, media, size)?;
     // An existing object keeps its recorded size: it is the same bytes.
     let size = c
         .prepare_cached("SELECT size FROM media WHERE id = ?1")?

@@ -306,17 +306,6 @@ pub fn post_message(
         id: p.sender.user_id,
         username: p.sender.username.clone(),
     };
-    let record = |conversation, seq| MessageRecord {
-        conversation,
-        seq,
-        kind: MessageKind::User,
-        sender_user: sender.id,
-        sender_username: sender.username.clone(),
-        sender_device: p.sender.device_id,
-        client_msg_id: p.client_msg_id.clone(),
-        server_ts_ms: p.now_ms,
-        body: Arc::from(&p.body[..]),
-    };
     let (seq, deliveries) = match p.to {
         Target::Group(group) => {
             let conv_id = member_group(c, Some(cache), group, sender.id)?;
@@ -340,7 +329,7 @@ pub fn post_message(
                 .prepare_cached("SELECT name FROM groups WHERE conversation_id = ?1")?
                 .query_row([conv_id], |r| r.get(0))?;
             let seq = next_seq(c, conv_id)?;
-            let record = record(Conversation::Group { id: group, name }, seq);
+            let record = p.record(Conversation::Group { id: group, name }, seq);
             let deliveries = match addressed {
                 None => fan_out_group(c, cache, conv_id, record, p.sender.device_id, p.mailbox)?,
                 Some(to) => {
@@ -397,7 +386,7 @@ pub fn post_message(
             let deliveries = store_message(
                 c,
                 conv_id,
-                record(Conversation::Direct { lo, hi }, seq),
+                p.record(Conversation::Direct { lo, hi }, seq),
                 &to,
                 p.mailbox,
             )?;
