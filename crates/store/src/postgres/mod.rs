@@ -258,7 +258,11 @@ macro_rules! transaction {
                     metrics::counter!("tern_store_retries_total", "backend" => BACKEND)
                         .increment(1);
                     // Let the winner finish; spread the retries of several losers.
-                    let jitter = (std::process::id() as u64 ^ attempt as u64) % 4;
+                    // Each RandomState has fresh keys: losers in one process draw different waits.
+                    let jitter = std::hash::BuildHasher::hash_one(
+                        &std::collections::hash_map::RandomState::new(),
+                        attempt,
+                    ) % 4;
                     tokio::time::sleep(Duration::from_millis(
                         (1u64 << attempt.min(6)) + jitter,
                     ))
