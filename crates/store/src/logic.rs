@@ -85,6 +85,28 @@ pub fn group_event(
     }
 }
 
+/// The users an `Add` by a member really adds to `group` (sorted, each once, current members
+/// left out): `Invalid` if that is nobody, `GroupFull` past `max` members.
+pub fn members_to_add(
+    group: &GroupRecord,
+    named: &[UserId],
+    max: usize,
+) -> Result<Vec<UserId>, StoreError> {
+    let mut ids = named.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.retain(|u| group.role_of(*u).is_none());
+    if ids.is_empty() {
+        return Err(StoreError::Invalid(
+            "everyone named is already a member".into(),
+        ));
+    }
+    if group.members.len() + ids.len() > max {
+        return Err(StoreError::GroupFull(max));
+    }
+    Ok(ids)
+}
+
 /// Who owns a group after its owner `leaving` leaves: the longest-standing admin, else the
 /// longest-standing member; `None` if nobody is left.
 pub fn heir(group: &GroupRecord, leaving: UserId) -> Option<&MemberRecord> {

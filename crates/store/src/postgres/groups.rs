@@ -11,7 +11,7 @@ use super::accounts::user_ref;
 use super::messaging::{KIND_GROUP, member_group, post_system};
 use super::{RowExt, execute, id, query, query_one, query_opt};
 use crate::logic::{
-    GroupSettings, MAX_ID, authorize, group_event, heir, role_code, role_from_code,
+    GroupSettings, MAX_ID, authorize, group_event, heir, members_to_add, role_code, role_from_code,
 };
 use crate::*;
 
@@ -227,19 +227,8 @@ pub async fn change_group<C: GenericClient>(
         .map(|_| ())
     };
     match op {
-        GroupOp::Add(ids) => {
-            let mut ids = ids.clone();
-            ids.sort_unstable();
-            ids.dedup();
-            ids.retain(|u| before.role_of(*u).is_none());
-            if ids.is_empty() {
-                return Err(StoreError::Invalid(
-                    "everyone named is already a member".into(),
-                ));
-            }
-            if before.members.len() + ids.len() > max {
-                return Err(StoreError::GroupFull(max));
-            }
+        GroupOp::Add(named) => {
+            let ids = members_to_add(&before, named, max)?;
             let targets = users(c, &ids).await?;
             // The ADDED event is the new members' first message: insert them at its seq, and
             // emit it after they are members so that they receive it.

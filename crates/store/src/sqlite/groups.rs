@@ -8,7 +8,9 @@ use tern_proto::frames::GroupAction;
 use super::accounts::user_ref;
 use super::cache::WriterCache;
 use super::messaging::{member_group, post_system};
-use crate::logic::{GroupSettings, authorize, group_event, heir, role_code, role_from_code};
+use crate::logic::{
+    GroupSettings, authorize, group_event, heir, members_to_add, role_code, role_from_code,
+};
 use crate::*;
 
 pub fn group(c: &Connection, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
@@ -209,18 +211,8 @@ pub fn change_group(
         deliveries: Vec::new(),
     };
     match op {
-        GroupOp::Add(mut ids) => {
-            ids.sort_unstable();
-            ids.dedup();
-            ids.retain(|u| before.role_of(*u).is_none());
-            if ids.is_empty() {
-                return Err(StoreError::Invalid(
-                    "everyone named is already a member".into(),
-                ));
-            }
-            if before.members.len() + ids.len() > max {
-                return Err(StoreError::GroupFull(max));
-            }
+        GroupOp::Add(named) => {
+            let ids = members_to_add(&before, &named, max)?;
             let targets = users(c, &ids)?;
             // The ADDED event is the new members' first message: insert them at its seq, and
             // emit it after they are members so that they receive it.
