@@ -95,11 +95,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores several posts in order, each as if by `post_message`: one outcome per post, and a
     /// refused post changes nothing and does not affect the others. This is how one device's
-    /// pipelined sends reach the store together. SQLite commits them in one transaction (with
-    /// everyone else's: group commit); PostgreSQL commits each on its own, so that a post holds
-    /// its locks only for its own statements — there, a database failure fails that post and
-    /// the later ones of the call (not tried, to keep the sender's order), and the earlier ones
-    /// stay stored.
+    /// pipelined sends reach the store together. Both backends commit them in one transaction
+    /// with the posts of other calls made meanwhile (group commit): SQLite's writer thread,
+    /// PostgreSQL's writer tasks. A failure of that transaction (`Err` of the call, or the same
+    /// error for each post) stores none of them.
     async fn post_messages(
         &self,
         posts: Vec<NewMessage>,

@@ -520,6 +520,171 @@ async fn concurrent_posts_share_one_order(f: Fixture) {
     assert_eq!(got, (1..=200).collect::<Vec<_>>());
 }
 
+/// Many calls at once, each mixing posts that are stored, repeated and refused, with
+/// acknowledgements running beside them: every call gets the answers it would get alone (a
+/// backend may write the calls together), a refused post takes no seq, and a conversation
+/// whose only post was refused does not make its users contacts.
+async fn concurrent_calls_are_answered_as_if_alone(f: Fixture) {
+    let s = f.store.clone();
+    let (alice, bob, carol, gid) = three_in_a_group(&*s).await;
+    let bob2 = s
+        .create_device(bob[0].user_id, "second", b"bob-second", 16, 1)
+        .await
+        .expect("device");
+    let dave = user(&*s, "dave", 1).await;
+    let bobs = vec![bob[0].device_id, bob2];
+    let calls = 30u64;
+    let mut tasks = Vec::new();
+    for i in 0..calls {
+        let (s, a, b, d, bobs) = (
+            s.clone(),
+            alice[0].clone(),
+            bob[0].user_id,
+            dave[0].clone(),
+            bobs.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            s.post_messages(vec![
+                to(&a, b, &format!("d{i}"), &bobs),
+                to(&a, b, &format!("d{i}"), &bobs),
+                to(&a, b, &format!("m{i}"), &bobs[..1]),
+                group_post(&a, gid, &format!("g{i}")),
+                group_post(&d, gid, &format!("x{i}")),
+                to(&d, a.user_id, &format!("c{i}"), &bobs),
+            ])
+            .await
+            .expect("call")
+        }));
+    }
+    let acker = {
+        let (s, b) = (s.clone(), bob[0].clone());
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                s.ack(b.clone(), u64::MAX >> 1, 5).await.expect("ack");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let (mut direct, mut grouped) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let answers = t.await.expect("task");
+        assert_eq!(answers.len(), 6);
+        let first = match &answers[0] {
+            Ok(PostOutcome::Stored { seq, .. }) => *seq,
+            other => panic!("stored expected: {other:?}"),
+        };
+        assert!(
+            matches!(&answers[1], Ok(PostOutcome::Duplicate { seq, .. }) if *seq == first),
+            "{:?}",
+            answers[1]
+        );
+        assert!(
+            matches!(&answers[2], Err(StoreError::DeviceMismatch { missing, .. }) if missing == &vec![bob2]),
+            "{:?}",
+            answers[2]
+        );
+        match &answers[3] {
+            Ok(PostOutcome::Stored { seq, .. }) => grouped.push(*seq),
+            other => panic!("stored expected: {other:?}"),
+        }
+        assert!(
+            matches!(&answers[4], Err(StoreError::NotFound("group"))),
+            "{:?}",
+            answers[4]
+        );
+        assert!(
+            matches!(&answers[5], Err(StoreError::DeviceMismatch { .. })),
+            "{:?}",
+            answers[5]
+        );
+        direct.push(first);
+    }
+    acker.await.expect("acker");
+    direct.sort();
+    grouped.sort();
+    assert_eq!(direct, (1..=calls).collect::<Vec<_>>());
+    // seq 1 of the group is its CREATED event.
+    assert_eq!(grouped, (2..=calls + 1).collect::<Vec<_>>());
+    // bob's second device has everything, each conversation in seq order.
+    let got = messages_of(&*s, bob2).await;
+    let in_order = |conv_seqs: Vec<u64>| conv_seqs.windows(2).all(|w| w[0] < w[1]);
+    let direct_seen: Vec<u64> = got
+        .iter()
+        .filter(|m| m.2.starts_with(b"body d"))
+        .map(|m| m.1)
+        .collect();
+    let group_seen: Vec<u64> = got
+        .iter()
+        .filter(|m| m.2.starts_with(b"body g"))
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(direct_seen.len() as u64, calls);
+    assert_eq!(group_seen.len() as u64, calls);
+    assert!(in_order(direct_seen) && in_order(group_seen), "{got:?}");
+    // Refused posts left nothing: no message, no conversation between dave and alice.
+    assert!(
+        !s.are_contacts(alice[0].user_id, dave[0].user_id)
+            .await
+            .expect("contacts")
+    );
+    assert!(
+        messages_of(&*s, carol[0].device_id)
+            .await
+            .iter()
+            .all(|m| !m.2.starts_with(b"body x") && !m.2.starts_with(b"body c"))
+    );
+    // What bob's first device acknowledged reaches alice as one growing watermark.
+    s.ack(bob[0].clone(), u64::MAX >> 1, 6).await.expect("ack");
+    let delivered: Vec<u64> = s
+        .mailbox_after(alice[0].device_id, 0, 1000)
+        .await
+        .expect("mailbox")
+        .into_iter()
+        .filter_map(|e| match e.item {
+            MailboxItem::Receipt(r)
+                if r.kind == ReceiptKind::Delivered
+                    && matches!(r.conversation, Conversation::Direct { .. }) =>
+            {
+                Some(r.up_to_seq)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "{delivered:?}");
+    assert_eq!(delivered.last(), Some(&calls));
+
+    // A full mailbox refuses the posts past its bound within one call, and the next post
+    // takes the next seq.
+    let answers = s
+        .post_messages(vec![
+            bounded(
+                to(&dave[0], carol[0].user_id, "f1", &[carol[0].device_id]),
+                calls + 2,
+                u64::MAX,
+            ),
+            bounded(
+                to(&dave[0], carol[0].user_id, "f2", &[carol[0].device_id]),
+                calls + 2,
+                u64::MAX,
+            ),
+            to(&dave[0], carol[0].user_id, "f3", &[carol[0].device_id]),
+        ])
+        .await
+        .expect("call");
+    assert!(
+        matches!(&answers[0], Ok(PostOutcome::Stored { seq: 1, .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[1], Err(StoreError::MailboxFull { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[2], Ok(PostOutcome::Stored { seq: 2, .. })),
+        "{answers:?}"
+    );
+}
+
 async fn last_seen_and_privacy(f: Fixture) {
     let s = &*f.store;
     let alice = user(s, "alice", 1).await;
@@ -1816,6 +1981,7 @@ macro_rules! conformance {
                 read_receipts_are_watermarks,
                 removing_a_device_empties_its_mailbox,
                 concurrent_posts_share_one_order,
+                concurrent_calls_are_answered_as_if_alone,
                 last_seen_and_privacy,
                 groups_fan_out_one_body_in_one_order,
                 addressed_group_messages,

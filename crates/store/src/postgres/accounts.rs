@@ -207,22 +207,37 @@ pub(super) async fn delete_mailbox<C: GenericClient>(
             messages.push((r.col::<i64>(1)?, r.col::<i64>(2)? as u64));
         }
     }
-    if !messages.is_empty() {
-        let convs: Vec<i64> = messages.iter().map(|m| m.0).collect();
-        let seqs: Vec<i64> = messages.iter().map(|m| m.1 as i64).collect();
-        execute(
-            c,
-            "UPDATE messages g SET body = NULL
-             FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS a(conversation_id, seq)
-             WHERE g.conversation_id = a.conversation_id AND g.seq = a.seq
-               AND g.body IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.kind = 1
-                               AND m.conversation_id = a.conversation_id AND m.seq = a.seq)",
-            &[&convs, &seqs],
-        )
-        .await?;
-    }
+    release_bodies(c, &messages).await?;
     Ok((messages, entries, bytes))
+}
+
+/// Releases the bodies of these messages (conversation_id, seq) that no mailbox entry refers
+/// to any more. Rows another transaction is releasing at the same time are skipped (it does
+/// it), so that two releases never wait for each other.
+pub(super) async fn release_bodies<C: GenericClient>(
+    c: &C,
+    messages: &[(i64, u64)],
+) -> Result<(), StoreError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let convs: Vec<i64> = messages.iter().map(|m| m.0).collect();
+    let seqs: Vec<i64> = messages.iter().map(|m| id(m.1)).collect();
+    execute(
+        c,
+        "UPDATE messages g SET body = NULL
+         FROM (SELECT g2.conversation_id, g2.seq
+               FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS a(conversation_id, seq)
+               JOIN messages g2 ON g2.conversation_id = a.conversation_id AND g2.seq = a.seq
+               WHERE g2.body IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.kind = 1
+                                 AND m.conversation_id = a.conversation_id AND m.seq = a.seq)
+               FOR UPDATE OF g2 SKIP LOCKED) AS s
+         WHERE g.conversation_id = s.conversation_id AND g.seq = s.seq",
+        &[&convs, &seqs],
+    )
+    .await?;
+    Ok(())
 }
 
 pub async fn remove_device<C: GenericClient>(

@@ -12,18 +12,17 @@ use std::sync::Arc;
 
 use deadpool_postgres::GenericClient;
 
-use super::accounts::delete_mailbox;
 use super::{RowExt, execute, id, is_unique_violation, pg, query, query_opt};
-use crate::logic::{check_device_set, direct_conversation_id};
+use crate::logic::direct_conversation_id;
 use crate::*;
 
 pub const KIND_DIRECT: i16 = 0;
 pub const KIND_GROUP: i16 = 1;
-const MSG_USER: i16 = 0;
+pub(super) const MSG_USER: i16 = 0;
 const MSG_SYSTEM: i16 = 1;
 /// Mailbox entry kinds.
-const ENTRY_MESSAGE: i16 = 1;
-const ENTRY_DELIVERED: i16 = 2;
+pub(super) const ENTRY_MESSAGE: i16 = 1;
+pub(super) const ENTRY_DELIVERED: i16 = 2;
 const ENTRY_READ: i16 = 3;
 
 /// A conversation row, resolved.
@@ -35,41 +34,56 @@ pub struct ConvRow {
 
 /// Loads a conversation by id, with the names clients need.
 pub async fn conversation_by_id<C: GenericClient>(c: &C, conv: i64) -> Result<ConvRow, StoreError> {
-    let r = query_opt(
+    conversations_by_ids(c, &[conv])
+        .await?
+        .pop()
+        .ok_or(StoreError::NotFound("conversation"))
+}
+
+/// Loads the conversations that exist among `convs` (in no particular order).
+pub(super) async fn conversations_by_ids<C: GenericClient>(
+    c: &C,
+    convs: &[i64],
+) -> Result<Vec<ConvRow>, StoreError> {
+    let rows = query(
         c,
-        "SELECT c.kind, c.user_lo, ulo.username, c.user_hi, uhi.username, c.next_seq, g.name
+        "SELECT c.id, c.kind, c.user_lo, ulo.username, c.user_hi, uhi.username, c.next_seq,
+                g.name
          FROM conversations c
          LEFT JOIN users ulo ON ulo.id = c.user_lo
          LEFT JOIN users uhi ON uhi.id = c.user_hi
          LEFT JOIN groups g ON g.conversation_id = c.id
-         WHERE c.id = $1",
-        &[&conv],
+         WHERE c.id = ANY($1)",
+        &[&convs],
     )
-    .await?
-    .ok_or(StoreError::NotFound("conversation"))?;
-    let kind: i16 = r.col(0)?;
-    let conversation = if kind == KIND_GROUP {
-        Conversation::Group {
-            id: conv as GroupId,
-            name: r.col::<Option<String>>(6)?.unwrap_or_default(),
-        }
-    } else {
-        let user = |i: usize| -> Result<UserRef, StoreError> {
-            Ok(UserRef {
-                id: r.col::<Option<i64>>(i)?.unwrap_or_default() as UserId,
-                username: r.col::<Option<String>>(i + 1)?.unwrap_or_default(),
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let conv: i64 = r.col(0)?;
+            let conversation = if r.col::<i16>(1)? == KIND_GROUP {
+                Conversation::Group {
+                    id: conv as GroupId,
+                    name: r.col::<Option<String>>(7)?.unwrap_or_default(),
+                }
+            } else {
+                let user = |i: usize| -> Result<UserRef, StoreError> {
+                    Ok(UserRef {
+                        id: r.col::<Option<i64>>(i)?.unwrap_or_default() as UserId,
+                        username: r.col::<Option<String>>(i + 1)?.unwrap_or_default(),
+                    })
+                };
+                Conversation::Direct {
+                    lo: user(2)?,
+                    hi: user(4)?,
+                }
+            };
+            Ok(ConvRow {
+                id: conv,
+                conversation,
+                next_seq: r.col::<i64>(6)? as u64,
             })
-        };
-        Conversation::Direct {
-            lo: user(1)?,
-            hi: user(3)?,
-        }
-    };
-    Ok(ConvRow {
-        id: conv,
-        conversation,
-        next_seq: r.col::<i64>(5)? as u64,
-    })
+        })
+        .collect()
 }
 
 /// A group's members (sorted by user id) with their devices, as the transaction sees them now.
@@ -136,139 +150,111 @@ pub(super) async fn next_seq<C: GenericClient>(c: &C, conv: i64) -> Result<u64, 
 }
 
 /// A mailbox row to append (see the `mailbox` table for the meaning of `kind` and `seq`).
-struct NewEntry {
-    device: DeviceId,
-    user: UserId,
-    kind: i16,
-    conv: i64,
-    seq: u64,
-    reader: Option<UserId>,
-    body: Option<Vec<u8>>,
-    all: Option<(u64, u64)>,
-    ts: i64,
+pub(super) struct NewEntry {
+    pub(super) device: DeviceId,
+    pub(super) user: UserId,
+    pub(super) kind: i16,
+    pub(super) conv: i64,
+    pub(super) seq: u64,
+    pub(super) reader: Option<UserId>,
+    pub(super) body: Option<Vec<u8>>,
+    pub(super) all: Option<(u64, u64)>,
+    pub(super) ts: i64,
     /// The bytes this entry counts for in the device's mailbox bound.
-    size: u64,
-    item: MailboxItem,
+    pub(super) size: u64,
+    pub(super) item: MailboxItem,
 }
 
-/// Mailbox entries collected for one flush; see the module docs.
-#[derive(Default)]
-struct Appends {
-    entries: Vec<NewEntry>,
-    /// Devices whose heads the caller changes after the flush: locked in the same order.
-    also_lock: Vec<DeviceId>,
+/// A device's mailbox head, as locked by [`lock_heads`] and then advanced in memory.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Head {
+    pub(super) next_mseq: u64,
+    pub(super) entries: u64,
+    pub(super) bytes: u64,
 }
 
-impl Appends {
-    /// Appends every collected entry; returns their deliveries in collection order.
-    /// `MailboxFull` if `limit` is given and a device's mailbox is past it with its entries
-    /// (the caller's savepoint then undoes the whole step).
-    async fn flush<C: GenericClient>(
-        self,
-        c: &C,
-        limit: Option<MailboxLimit>,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        let mut per_device: BTreeMap<DeviceId, (i64, i64)> = BTreeMap::new();
-        for e in &self.entries {
-            let d = per_device.entry(e.device).or_default();
-            d.0 += 1;
-            d.1 += e.size as i64;
-        }
-        let mut locked: BTreeSet<DeviceId> = per_device.keys().copied().collect();
-        locked.extend(self.also_lock.iter().copied());
-        if locked.len() > 1 {
-            let devices: Vec<i64> = locked.iter().map(|d| id(*d)).collect();
-            let rows = query(
-                c,
-                "SELECT device_id FROM mailbox_heads WHERE device_id = ANY($1)
-                 ORDER BY device_id FOR UPDATE",
-                &[&devices],
-            )
-            .await?;
-            if rows.len() != devices.len() {
-                // A device was removed since the caller read the device list: start over.
-                return Err(StoreError::Contended {
-                    backend: "postgres",
-                });
-            }
-        }
-        if per_device.is_empty() {
-            return Ok(Vec::new());
-        }
-        let devices: Vec<i64> = per_device.keys().map(|d| id(*d)).collect();
-        let counts: Vec<i64> = per_device.values().map(|v| v.0).collect();
-        let sizes: Vec<i64> = per_device.values().map(|v| v.1).collect();
-        let rows = query(
-            c,
-            "UPDATE mailbox_heads h SET next_mseq = h.next_mseq + a.n, entries = h.entries + a.n,
-                    bytes = h.bytes + a.b
-             FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[]) AS a(device_id, n, b)
-             WHERE h.device_id = a.device_id
-             RETURNING h.device_id, h.next_mseq - a.n, h.entries, h.bytes",
-            &[&devices, &counts, &sizes],
-        )
-        .await?;
-        if rows.len() != devices.len() {
-            return Err(StoreError::Contended {
-                backend: "postgres",
-            });
-        }
-        let mut next: BTreeMap<DeviceId, u64> = BTreeMap::new();
-        for r in &rows {
-            let device = r.col::<i64>(0)? as DeviceId;
-            let (entries, bytes) = (r.col::<i64>(2)? as u64, r.col::<i64>(3)? as u64);
-            if let Some(l) = limit
-                && (entries > l.max_entries || bytes > l.max_bytes)
-            {
-                let user = self
-                    .entries
-                    .iter()
-                    .find(|e| e.device == device)
-                    .map_or(0, |e| e.user);
-                return Err(StoreError::MailboxFull { user, device });
-            }
-            next.insert(device, r.col::<i64>(1)? as u64);
-        }
-        let n = self.entries.len();
-        let (mut dev, mut mseq, mut kind, mut conv, mut seq) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut reader, mut body, mut all_d, mut all_r, mut ts, mut size) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut deliveries = Vec::with_capacity(n);
-        for e in self.entries {
-            let m = next.entry(e.device).or_insert(1);
-            let this = *m;
-            *m += 1;
-            dev.push(id(e.device));
-            mseq.push(id(this));
-            kind.push(e.kind);
-            conv.push(e.conv);
-            seq.push(id(e.seq));
-            reader.push(e.reader.map(id));
-            body.push(e.body);
-            all_d.push(e.all.map(|a| id(a.0)));
-            all_r.push(e.all.map(|a| id(a.1)));
-            ts.push(e.ts);
-            size.push(id(e.size));
-            deliveries.push(Delivery {
-                device: e.device,
-                user: e.user,
-                entry: MailboxEntry {
-                    mseq: this,
-                    item: e.item,
+/// Locks the mailbox heads of `devices` in ascending device order (one statement); their
+/// values. `Contended` if a device has none (it was removed since the caller read the device
+/// list: the transaction starts over and finds it gone).
+pub(super) async fn lock_heads<C: GenericClient>(
+    c: &C,
+    devices: &BTreeSet<DeviceId>,
+) -> Result<BTreeMap<DeviceId, Head>, StoreError> {
+    if devices.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let ids: Vec<i64> = devices.iter().map(|d| id(*d)).collect();
+    let rows = query(
+        c,
+        "SELECT device_id, next_mseq, entries, bytes FROM mailbox_heads
+         WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
+        &[&ids],
+    )
+    .await?;
+    if rows.len() != ids.len() {
+        return Err(StoreError::Contended {
+            backend: "postgres",
+        });
+    }
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.col::<i64>(0)? as DeviceId,
+                Head {
+                    next_mseq: r.col::<i64>(1)? as u64,
+                    entries: r.col::<i64>(2)? as u64,
+                    bytes: r.col::<i64>(3)? as u64,
                 },
-            });
+            ))
+        })
+        .collect()
+}
+
+/// Takes the next `mseq` of the entry's device and counts the entry in its totals.
+pub(super) fn place(heads: &mut BTreeMap<DeviceId, Head>, e: &NewEntry) -> Result<u64, StoreError> {
+    let h = heads.get_mut(&e.device).ok_or_else(|| {
+        super::db_error(format!("mailbox head of device {} not locked", e.device))
+    })?;
+    let mseq = h.next_mseq;
+    h.next_mseq += 1;
+    h.entries += 1;
+    h.bytes += e.size;
+    Ok(mseq)
+}
+
+/// Writes placed entries (with their `mseq`) and the heads' new values, pipelined: one round
+/// trip. The heads must be locked by this transaction ([`lock_heads`]).
+pub(super) async fn write_mailbox<C: GenericClient>(
+    c: &C,
+    heads: &BTreeMap<DeviceId, Head>,
+    placed: &[(u64, NewEntry)],
+) -> Result<(), StoreError> {
+    let devices: Vec<i64> = heads.keys().map(|d| id(*d)).collect();
+    let next: Vec<i64> = heads.values().map(|h| id(h.next_mseq)).collect();
+    let entries: Vec<i64> = heads.values().map(|h| id(h.entries)).collect();
+    let bytes: Vec<i64> = heads.values().map(|h| id(h.bytes)).collect();
+    let update = async {
+        if devices.is_empty() {
+            return Ok(0);
+        }
+        execute(
+            c,
+            "UPDATE mailbox_heads h SET next_mseq = a.n, entries = a.e, bytes = a.b
+             FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[])
+                  AS a(device_id, n, e, b)
+             WHERE h.device_id = a.device_id",
+            &[&devices, &next, &entries, &bytes],
+        )
+        .await
+    };
+    let n = placed.len();
+    let mut cols = MailboxColumns::with_capacity(n);
+    for (mseq, e) in placed {
+        cols.push(*mseq, e);
+    }
+    let insert = async {
+        if n == 0 {
+            return Ok(0);
         }
         execute(
             c,
@@ -278,11 +264,133 @@ impl Appends {
                                   $5::BIGINT[], $6::BIGINT[], $7::BYTEA[], $8::BIGINT[],
                                   $9::BIGINT[], $10::BIGINT[], $11::BIGINT[])",
             &[
-                &dev, &mseq, &kind, &conv, &seq, &reader, &body, &all_d, &all_r, &ts, &size,
+                &cols.dev,
+                &cols.mseq,
+                &cols.kind,
+                &cols.conv,
+                &cols.seq,
+                &cols.reader,
+                &cols.body,
+                &cols.all_d,
+                &cols.all_r,
+                &cols.ts,
+                &cols.size,
             ],
         )
-        .await?;
-        Ok(deliveries)
+        .await
+    };
+    tokio::try_join!(update, insert)?;
+    Ok(())
+}
+
+/// The mailbox rows of one insert, column by column (for `UNNEST`).
+struct MailboxColumns<'a> {
+    dev: Vec<i64>,
+    mseq: Vec<i64>,
+    kind: Vec<i16>,
+    conv: Vec<i64>,
+    seq: Vec<i64>,
+    reader: Vec<Option<i64>>,
+    body: Vec<Option<&'a [u8]>>,
+    all_d: Vec<Option<i64>>,
+    all_r: Vec<Option<i64>>,
+    ts: Vec<i64>,
+    size: Vec<i64>,
+}
+
+impl<'a> MailboxColumns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        MailboxColumns {
+            dev: Vec::with_capacity(n),
+            mseq: Vec::with_capacity(n),
+            kind: Vec::with_capacity(n),
+            conv: Vec::with_capacity(n),
+            seq: Vec::with_capacity(n),
+            reader: Vec::with_capacity(n),
+            body: Vec::with_capacity(n),
+            all_d: Vec::with_capacity(n),
+            all_r: Vec::with_capacity(n),
+            ts: Vec::with_capacity(n),
+            size: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, mseq: u64, e: &'a NewEntry) {
+        self.dev.push(id(e.device));
+        self.mseq.push(id(mseq));
+        self.kind.push(e.kind);
+        self.conv.push(e.conv);
+        self.seq.push(id(e.seq));
+        self.reader.push(e.reader.map(id));
+        self.body.push(e.body.as_deref());
+        self.all_d.push(e.all.map(|a| id(a.0)));
+        self.all_r.push(e.all.map(|a| id(a.1)));
+        self.ts.push(e.ts);
+        self.size.push(id(e.size));
+    }
+}
+
+impl NewEntry {
+    pub(super) fn delivery(self, mseq: u64) -> Delivery {
+        Delivery {
+            device: self.device,
+            user: self.user,
+            entry: MailboxEntry {
+                mseq,
+                item: self.item,
+            },
+        }
+    }
+}
+
+/// Mailbox entries collected for one flush; see the module docs.
+#[derive(Default)]
+pub(super) struct Appends {
+    pub(super) entries: Vec<NewEntry>,
+    /// Entries and bytes the caller removed from devices' mailboxes: taken off their totals,
+    /// their heads locked in the same statement as the others.
+    pub(super) released: BTreeMap<DeviceId, (u64, u64)>,
+}
+
+impl Appends {
+    /// Appends every collected entry; returns their deliveries in collection order.
+    /// `MailboxFull` if `limit` is given and a device's mailbox is past it with its entries
+    /// (the caller's savepoint then undoes the whole step).
+    pub(super) async fn flush<C: GenericClient>(
+        self,
+        c: &C,
+        limit: Option<MailboxLimit>,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let mut devices: BTreeSet<DeviceId> = self.entries.iter().map(|e| e.device).collect();
+        devices.extend(self.released.keys().copied());
+        let mut heads = lock_heads(c, &devices).await?;
+        let mut placed = Vec::with_capacity(self.entries.len());
+        for e in self.entries {
+            let mseq = place(&mut heads, &e)?;
+            placed.push((mseq, e));
+        }
+        if let Some(l) = limit
+            && let Some((device, _)) = heads
+                .iter()
+                .find(|(_, h)| h.entries > l.max_entries || h.bytes > l.max_bytes)
+        {
+            let user = placed
+                .iter()
+                .find(|(_, e)| e.device == *device)
+                .map_or(0, |(_, e)| e.user);
+            return Err(StoreError::MailboxFull {
+                user,
+                device: *device,
+            });
+        }
+        for (device, (entries, bytes)) in &self.released {
+            if let Some(h) = heads.get_mut(device) {
+                h.entries = h.entries.saturating_sub(*entries);
+                h.bytes = h.bytes.saturating_sub(*bytes);
+            }
+        }
+        write_mailbox(c, &heads, &placed).await?;
+        Ok(placed.into_iter().map(|(m, e)| e.delivery(m)).collect())
     }
 }
 
@@ -394,175 +502,6 @@ pub async fn post_system<C: GenericClient>(
     let to = devices_of(&members).map(|(u, d)| (d, u, None)).collect();
     let deliveries = store_message(c, conv_id, record, to, None).await?;
     Ok((seq, deliveries))
-}
-
-/// Whether a post's error is the post's own refusal (bad addressing, not a member, a full
-/// mailbox, …), as opposed to a failure of the transaction it ran in.
-pub fn is_refusal(e: &StoreError) -> bool {
-    !matches!(
-        e,
-        StoreError::Contended { .. }
-            | StoreError::Unavailable { .. }
-            | StoreError::Database { .. }
-            | StoreError::Closed
-    )
-}
-
-/// Stores one post (see `Store::post_message`); the caller's transaction (or savepoint) is
-/// rolled back if it fails.
-pub async fn post_message<C: GenericClient>(
-    c: &C,
-    p: &NewMessage,
-) -> Result<PostOutcome, StoreError> {
-    if let Some(r) = query_opt(
-        c,
-        "SELECT seq, server_ts FROM messages WHERE sender_device = $1 AND client_msg_id = $2",
-        &[&id(p.sender.device_id), &p.client_msg_id],
-    )
-    .await?
-    {
-        return Ok(PostOutcome::Duplicate {
-            seq: r.col::<i64>(0)? as u64,
-            server_ts_ms: r.col(1)?,
-        });
-    }
-    let sender = UserRef {
-        id: p.sender.user_id,
-        username: p.sender.username.clone(),
-    };
-    let (seq, deliveries) = match p.to {
-        Target::Group(group) => {
-            let conv_id = id(group);
-            // The group's row first (it takes the seq): membership read after it is the
-            // membership at this seq, whatever changes commit meanwhile.
-            let seq = match query_opt(
-                c,
-                "UPDATE conversations SET next_seq = next_seq + 1 WHERE id = $1 AND kind = $2
-                 RETURNING next_seq - 1",
-                &[&conv_id, &KIND_GROUP],
-            )
-            .await?
-            {
-                Some(r) => r.col::<i64>(0)? as u64,
-                None => return Err(StoreError::NotFound("group")),
-            };
-            let members = fanout(c, conv_id).await?;
-            if members
-                .binary_search_by_key(&sender.id, |(u, _)| *u)
-                .is_err()
-            {
-                return Err(StoreError::NotFound("group"));
-            }
-            let to: Vec<(DeviceId, UserId)> = devices_of(&members)
-                .filter(|(_, d)| *d != p.sender.device_id)
-                .map(|(u, d)| (d, u))
-                .collect();
-            // Addressed (end-to-end encrypted groups): exactly every member device but the
-            // sender's, like a direct message.
-            let to: Vec<(DeviceId, UserId, Option<Vec<u8>>)> = if p.devices.is_empty() {
-                to.into_iter().map(|(d, u)| (d, u, None)).collect()
-            } else {
-                let expected: Vec<DeviceId> = to.iter().map(|t| t.0).collect();
-                let got: Vec<DeviceId> = p.devices.iter().map(|d| d.device).collect();
-                check_device_set(&expected, &got)?;
-                let mut own: BTreeMap<DeviceId, Option<Vec<u8>>> = p
-                    .devices
-                    .iter()
-                    .map(|a| (a.device, a.body.clone()))
-                    .collect();
-                to.into_iter()
-                    .map(|(d, u)| (d, u, own.remove(&d).flatten()))
-                    .collect()
-            };
-            let name: String = query_opt(
-                c,
-                "SELECT name FROM groups WHERE conversation_id = $1",
-                &[&conv_id],
-            )
-            .await?
-            .ok_or(StoreError::NotFound("group"))?
-            .col(0)?;
-            let record = p.record(Conversation::Group { id: group, name }, seq);
-            let deliveries = store_message(c, conv_id, record, to, Some(p.mailbox)).await?;
-            (seq, deliveries)
-        }
-        Target::User(recipient_id) => {
-            // The recipient's name and the devices of both users, in one statement. The
-            // addressed set must be exactly: every device of the recipient and every other
-            // device of the sender (for a note to self, the two coincide).
-            let owners: Vec<i64> = vec![id(recipient_id), id(sender.id)];
-            let mut recipient_name = None;
-            let mut recipient_devices = Vec::new();
-            let mut expected = Vec::new();
-            for r in query(
-                c,
-                "SELECT u.id, u.username, d.id FROM users u
-                 LEFT JOIN devices d ON d.user_id = u.id
-                 WHERE u.id = ANY($1) ORDER BY d.id",
-                &[&owners],
-            )
-            .await?
-            {
-                let u = r.col::<i64>(0)? as UserId;
-                if u == recipient_id {
-                    recipient_name = Some(r.col::<String>(1)?);
-                }
-                let Some(d) = r.col::<Option<i64>>(2)? else {
-                    continue;
-                };
-                let d = d as DeviceId;
-                if u == recipient_id {
-                    recipient_devices.push(d);
-                }
-                if d != p.sender.device_id && !expected.contains(&d) {
-                    expected.push(d);
-                }
-            }
-            let recipient = UserRef {
-                id: recipient_id,
-                username: recipient_name.ok_or(StoreError::NotFound("recipient"))?,
-            };
-            let addressed: Vec<DeviceId> = p.devices.iter().map(|d| d.device).collect();
-            check_device_set(&expected, &addressed)?;
-            let (lo, hi) = if sender.id <= recipient.id {
-                (sender.clone(), recipient.clone())
-            } else {
-                (recipient.clone(), sender.clone())
-            };
-            let conv_id = direct_conversation_id(lo.id, hi.id) as i64;
-            let seq: i64 = query_opt(
-                c,
-                "INSERT INTO conversations (id, kind, user_lo, user_hi, next_seq)
-                 VALUES ($1, $2, $3, $4, 2)
-                 ON CONFLICT (id) DO UPDATE SET next_seq = conversations.next_seq + 1
-                 RETURNING next_seq - 1",
-                &[&conv_id, &KIND_DIRECT, &id(lo.id), &id(hi.id)],
-            )
-            .await?
-            .ok_or(StoreError::NotFound("conversation"))?
-            .col(0)?;
-            let to: Vec<_> = p
-                .devices
-                .iter()
-                .map(|d| {
-                    let user = if recipient_devices.contains(&d.device) {
-                        recipient.id
-                    } else {
-                        sender.id
-                    };
-                    (d.device, user, d.body.clone())
-                })
-                .collect();
-            let record = p.record(Conversation::Direct { lo, hi }, seq as u64);
-            let deliveries = store_message(c, conv_id, record, to, Some(p.mailbox)).await?;
-            (seq as u64, deliveries)
-        }
-    };
-    Ok(PostOutcome::Stored {
-        seq,
-        server_ts_ms: p.now_ms,
-        deliveries,
-    })
 }
 
 /// The ticks of `target`'s own messages: what every other participant has delivered and read.
@@ -708,79 +647,6 @@ async fn raise_watermark<C: GenericClient>(
     };
     execute(c, sql, &[&conv, &id(reader), &up]).await?;
     Ok(Some(old as u64))
-}
-
-pub async fn ack<C: GenericClient>(
-    c: &C,
-    who: &DeviceAuth,
-    up_to: u64,
-    now: i64,
-) -> Result<Vec<Delivery>, StoreError> {
-    let (acked, entries, bytes) = delete_mailbox(c, who.device_id, up_to).await?;
-    // Per conversation: the highest acknowledged seq and the senders of acknowledged user
-    // messages (other than me): they get the delivered receipt.
-    let mut per_conv: BTreeMap<i64, (u64, BTreeSet<UserId>)> = BTreeMap::new();
-    if !acked.is_empty() {
-        let convs: Vec<i64> = acked.iter().map(|a| a.0).collect();
-        let seqs: Vec<i64> = acked.iter().map(|a| id(a.1)).collect();
-        for r in query(
-            c,
-            "SELECT g.conversation_id, g.seq, g.sender_user, g.kind
-             FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS a(conversation_id, seq)
-             JOIN messages g ON g.conversation_id = a.conversation_id AND g.seq = a.seq",
-            &[&convs, &seqs],
-        )
-        .await?
-        {
-            let (conv, seq) = (r.col::<i64>(0)?, r.col::<i64>(1)? as u64);
-            let (sender, kind) = (r.col::<i64>(2)? as UserId, r.col::<i16>(3)?);
-            let e = per_conv.entry(conv).or_default();
-            e.0 = e.0.max(seq);
-            if sender != who.user_id && kind == MSG_USER {
-                e.1.insert(sender);
-            }
-        }
-    }
-    let mut appends = Appends::default();
-    if entries > 0 {
-        appends.also_lock.push(who.device_id);
-    }
-    for (conv_id, (seq, senders)) in per_conv {
-        if raise_watermark(c, conv_id, who.user_id, ReceiptKind::Delivered, seq)
-            .await?
-            .is_none()
-            || senders.is_empty()
-        {
-            continue;
-        }
-        let conv = conversation_by_id(c, conv_id).await?;
-        let base = ReceiptRecord {
-            conversation: conv.conversation.clone(),
-            reader: who.user_id,
-            reader_username: who.username.clone(),
-            kind: ReceiptKind::Delivered,
-            up_to_seq: seq,
-            all_delivered_up_to: 0,
-            all_read_up_to: 0,
-            ts_ms: now,
-        };
-        for sender in senders {
-            send_receipt(c, &conv, sender, None, &base, &mut appends).await?;
-        }
-    }
-    // The receipts' heads and this device's own, in one ordered lock; then this device's
-    // totals lose what was acknowledged.
-    let out = appends.flush(c, None).await?;
-    if entries > 0 {
-        execute(
-            c,
-            "UPDATE mailbox_heads SET entries = entries - $2, bytes = bytes - $3
-             WHERE device_id = $1",
-            &[&id(who.device_id), &entries, &bytes],
-        )
-        .await?;
-    }
-    Ok(out)
 }
 
 pub async fn mark_read<C: GenericClient>(

@@ -25,11 +25,13 @@
 //! connection by itself.
 
 mod accounts;
+mod batched;
 mod groups;
 mod keys;
 mod media;
 mod messaging;
 mod schema;
+mod writer;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -226,10 +228,30 @@ pub(crate) fn id(v: u64) -> i64 {
     v as i64
 }
 
-pub struct PgStore {
+/// The pool, as the writer tasks share it.
+#[derive(Clone)]
+struct Db {
     pool: Pool,
+}
+
+impl Db {
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+/// Posts of one call, and their outcomes.
+type PostWriter = writer::Writer<Vec<NewMessage>, Vec<Result<PostOutcome, StoreError>>>;
+
+/// Most posts (and, separately, acknowledgements) written in one transaction.
+const MAX_BATCH: usize = 256;
+
+pub struct PgStore {
+    db: Db,
     url: String,
     schema: Option<String>,
+    posts: PostWriter,
+    acks: writer::Writer<batched::AckRequest, Vec<Delivery>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -290,9 +312,15 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Builds the pool without connecting (connections open on first use).
+    /// Builds the pool without connecting (connections open on first use) and starts the
+    /// writer tasks (so it must be called inside a Tokio runtime).
     pub fn connect(opts: PgOptions) -> Result<PgStore, StoreError> {
         let redacted = redact_url(&opts.url);
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(db_error(
+                "the PostgreSQL store needs a Tokio runtime to start its writers".into(),
+            ));
+        }
         let mut config = tokio_postgres::Config::from_str(&opts.url)
             .map_err(|e| db_error(format!("invalid PostgreSQL URL {redacted}: {e}")))?;
         let mut options = format!(
@@ -326,10 +354,36 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| db_error(format!("cannot build the connection pool: {e}")))?;
+        let db = Db { pool };
+        // Each writer holds one pooled connection while it writes a batch; a quarter of the
+        // pool for posts and a quarter for acknowledgements leaves half for everything else.
+        let writers = (opts.pool_size / 4).clamp(1, 4);
+        let posts = {
+            let db = db.clone();
+            writer::Writer::start(
+                writers,
+                4 * MAX_BATCH,
+                MAX_BATCH,
+                |calls: &Vec<NewMessage>| calls.len(),
+                move |calls| write_posts(db.clone(), calls),
+            )
+        };
+        let acks = {
+            let db = db.clone();
+            writer::Writer::start(
+                writers,
+                4 * MAX_BATCH,
+                MAX_BATCH,
+                |_| 1,
+                move |acks| write_acks(db.clone(), acks),
+            )
+        };
         Ok(PgStore {
-            pool,
+            db,
             url: redacted,
             schema: opts.schema,
+            posts,
+            acks,
         })
     }
 
@@ -345,8 +399,31 @@ impl PgStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+        self.db.client().await
     }
+}
+
+/// Writes the posts of several calls in one transaction; each call's outcomes.
+async fn write_posts(
+    db: Db,
+    calls: Vec<Vec<NewMessage>>,
+) -> Result<Vec<Result<Vec<Result<PostOutcome, StoreError>>, StoreError>>, StoreError> {
+    let posts: Vec<&NewMessage> = calls.iter().flatten().collect();
+    let mut outcomes = transaction!(db, |t| batched::post_batch(&t, &posts).await)?.into_iter();
+    Ok(calls
+        .iter()
+        .map(|call| Ok(outcomes.by_ref().take(call.len()).collect()))
+        .collect())
+}
+
+/// Writes several acknowledgements in one transaction; the receipts of each.
+async fn write_acks(
+    db: Db,
+    acks: Vec<batched::AckRequest>,
+) -> Result<Vec<Result<Vec<Delivery>, StoreError>>, StoreError> {
+    let requests: Vec<&batched::AckRequest> = acks.iter().collect();
+    let receipts = transaction!(db, |t| batched::ack_batch(&t, &requests).await)?;
+    Ok(receipts.into_iter().map(Ok).collect())
 }
 
 #[async_trait]
@@ -416,29 +493,8 @@ impl Store for PgStore {
         &self,
         posts: Vec<NewMessage>,
     ) -> Result<Vec<Result<PostOutcome, StoreError>>, StoreError> {
-        // One transaction per post: a post holds its conversation's row and its recipients'
-        // mailbox heads only for its own round trips. (One transaction for a connection's
-        // pipelined batch held them for the whole batch, and the recipients'
-        // acknowledgements queued behind it: at 100 pairs with 64 in flight, throughput
-        // collapsed.) Concurrent commits still share WAL flushes.
-        // A failure of the database fails that post and every later one (they are not tried:
-        // the order of one sender's posts is kept); the ones before it are stored.
-        let mut out: Vec<Result<PostOutcome, StoreError>> = Vec::with_capacity(posts.len());
-        let mut failed: Option<StoreError> = None;
-        for post in &posts {
-            if let Some(e) = &failed {
-                out.push(Err(e.clone()));
-                continue;
-            }
-            let r = transaction!(self, |t| messaging::post_message(&t, post).await);
-            if let Err(e) = &r
-                && !messaging::is_refusal(e)
-            {
-                failed = Some(e.clone());
-            }
-            out.push(r);
-        }
-        Ok(out)
+        // With the posts of every other call that queued meanwhile, in one transaction.
+        self.posts.call(posts).await
     }
 
     async fn mailbox_after(
@@ -456,7 +512,13 @@ impl Store for PgStore {
         up_to: u64,
         now: i64,
     ) -> Result<Vec<Delivery>, StoreError> {
-        transaction!(self, |t| messaging::ack(&t, &who, up_to, now).await)
+        self.acks
+            .call(batched::AckRequest {
+                who,
+                up_to,
+                now_ms: now,
+            })
+            .await
     }
 
     async fn mark_read(
@@ -626,7 +688,7 @@ impl Store for PgStore {
     }
 
     async fn close(&self) {
-        self.pool.close();
+        self.db.pool.close();
     }
 }
 
