@@ -717,6 +717,9 @@ pub async fn mark_read<C: GenericClient>(
     appends.flush(c, None).await
 }
 
+/// A page of a device's mailbox. The page is cut (`LIMIT`) before the joins that name its
+/// entries, so a page costs its own size whatever waits behind it (joined first, every page of
+/// a 10,000-entry drain joined everything left: quadratic).
 pub async fn mailbox_after<C: GenericClient>(
     c: &C,
     device: DeviceId,
@@ -729,7 +732,8 @@ pub async fn mailbox_after<C: GenericClient>(
                 m.all_delivered, m.all_read, COALESCE(m.body, g.body), g.kind, g.sender_user,
                 us.username, g.sender_device, g.client_msg_id, g.server_ts,
                 c.kind, c.user_lo, ulo.username, c.user_hi, uhi.username, grp.name
-         FROM mailbox m
+         FROM (SELECT * FROM mailbox WHERE device_id = $1 AND mseq > $2
+               ORDER BY mseq LIMIT $3) AS m
          JOIN conversations c ON c.id = m.conversation_id
          LEFT JOIN users ulo ON ulo.id = c.user_lo
          LEFT JOIN users uhi ON uhi.id = c.user_hi
@@ -738,8 +742,7 @@ pub async fn mailbox_after<C: GenericClient>(
                               AND g.seq = m.seq
          LEFT JOIN users us ON us.id = g.sender_user
          LEFT JOIN users ur ON ur.id = m.reader
-         WHERE m.device_id = $1 AND m.mseq > $2
-         ORDER BY m.mseq LIMIT $3",
+         ORDER BY m.mseq",
         &[&id(device), &id(after), &(limit as i64)],
     )
     .await?;

@@ -361,6 +361,7 @@ impl PgStore {
         let posts = {
             let db = db.clone();
             writer::Writer::start(
+                "posts",
                 writers,
                 4 * MAX_BATCH,
                 MAX_BATCH,
@@ -371,6 +372,7 @@ impl PgStore {
         let acks = {
             let db = db.clone();
             writer::Writer::start(
+                "acks",
                 writers,
                 4 * MAX_BATCH,
                 MAX_BATCH,

@@ -23,11 +23,12 @@ pub struct Writer<Req, Resp> {
 }
 
 impl<Req: Send + 'static, Resp: Send + 'static> Writer<Req, Resp> {
-    /// Starts `writers` tasks that run `write` on batches of at most `max_weight` (a request
+    /// Starts `writers` tasks (`name`: what they write, for metrics) that run `write` on batches of at most `max_weight` (a request
     /// weighs `weight(request)`, at least one request per batch). `capacity` requests may wait;
     /// more wait for room. `write` answers each request of its batch, in order; an error
     /// answers them all. The tasks end when the writer is dropped.
     pub fn start<W, F>(
+        name: &'static str,
         writers: usize,
         capacity: usize,
         max_weight: usize,
@@ -48,7 +49,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Writer<Req, Resp> {
                 while let Some(batch) = next_batch(&rx, max_weight, weight).await {
                     let (requests, replies): (Vec<Req>, Vec<_>) =
                         batch.into_iter().map(|j| (j.request, j.reply)).unzip();
-                    metrics::histogram!("tern_store_batch_requests", "backend" => "postgres")
+                    metrics::histogram!("tern_store_batch_requests", "backend" => "postgres", "kind" => name)
                         .record(requests.len() as f64);
                     match write(requests).await {
                         Ok(answers) if answers.len() == replies.len() => {
