@@ -2016,6 +2016,95 @@ macro_rules! conformance {
 conformance!(sqlite_backend, async { Some(sqlite().await) });
 conformance!(postgres_backend, postgres());
 
+/// PostgreSQL keeps no per-message countdown: the acknowledgement that removes a message's
+/// last mailbox entry releases its body. Two nodes (two stores on one schema) acknowledging
+/// the last two entries of each message at the same moment must still release every body,
+/// and no body may go while an entry still refers to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_racing_acks_release_every_body() {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: TERN_TEST_POSTGRES is not set");
+        return;
+    };
+    let schema = PgSchema::new(&url);
+    let open = || async {
+        Arc::new(
+            postgres::PgStore::open(schema.options())
+                .await
+                .expect("open PostgreSQL (TERN_TEST_POSTGRES)"),
+        ) as Arc<dyn Store>
+    };
+    let (node_a, node_b) = (open().await, open().await);
+    let owner = user(&*node_a, "owner", 1).await.remove(0);
+    let mut members = Vec::new();
+    for i in 0..4 {
+        members.push(user(&*node_a, &format!("m{i}"), 1).await.remove(0));
+    }
+    let ids: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
+    let gid = node_a
+        .create_group(new_group(&owner, &ids))
+        .await
+        .expect("group")
+        .group
+        .id;
+    let messages = 40usize;
+    for i in 0..messages {
+        node_a
+            .post_message(group_post(&owner, gid, &format!("p{i}")))
+            .await
+            .expect("post");
+    }
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let sql = format!(
+        "SELECT count(*) FROM {}.messages WHERE body IS NOT NULL AND kind = 0",
+        schema.name
+    );
+    let kept = || async {
+        client
+            .query_one(&sql, &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+    };
+    // Two members acknowledge everything: the other two still hold every body.
+    for m in &members[..2] {
+        node_a.ack(m.clone(), u64::MAX >> 1, 30).await.expect("ack");
+    }
+    assert_eq!(
+        kept().await,
+        messages as i64,
+        "a body went while entries referred to it"
+    );
+    // The last two at the same time, one on each node, entry by entry: each message's last
+    // two entries go in two concurrent transactions.
+    let step = Arc::new(tokio::sync::Barrier::new(2));
+    let mut tasks = Vec::new();
+    for (m, s) in members[2..].iter().zip([node_a.clone(), node_b.clone()]) {
+        let (m, step) = (m.clone(), step.clone());
+        tasks.push(tokio::spawn(async move {
+            let entries = s
+                .mailbox_after(m.device_id, 0, 1000)
+                .await
+                .expect("mailbox");
+            for e in entries {
+                step.wait().await;
+                s.ack(m.clone(), e.mseq, 40).await.expect("ack");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        kept().await,
+        0,
+        "bodies left behind after every entry was acknowledged"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_state_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");

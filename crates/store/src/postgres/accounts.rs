@@ -178,13 +178,10 @@ pub(super) async fn device_ids<C: GenericClient>(
 }
 
 /// Deletes mailbox entries of `device` up to `up_to` and releases the bodies of messages no
-/// mailbox entry refers to any more. Returns the deleted message entries as (conversation_id,
+/// mailbox entry refers to any more ([`release_bodies`]). Returns the deleted message entries as (conversation_id,
 /// seq), and the count and bytes of all deleted entries: the caller takes those off the
 /// device's totals (after locking its head in order with any others, see `messaging`).
 ///
-/// Releasing is best effort under concurrency: two devices acknowledging the last two entries
-/// of one message in concurrent transactions each still see the other's entry, and the body
-/// stays; it is content nobody will be sent again, and a later sweep can collect it.
 pub(super) async fn delete_mailbox<C: GenericClient>(
     c: &C,
     device: DeviceId,
@@ -212,8 +209,10 @@ pub(super) async fn delete_mailbox<C: GenericClient>(
 }
 
 /// Releases the bodies of these messages (conversation_id, seq) that no mailbox entry refers
-/// to any more. Rows another transaction is releasing at the same time are skipped (it does
-/// it), so that two releases never wait for each other.
+/// to any more, exactly: their rows are locked first (in key order), and the check runs in a
+/// statement of its own after the lock is granted. Of two transactions deleting the last two
+/// entries of a message, the second to take the lock checks after the first committed and
+/// sees both entries gone.
 pub(super) async fn release_bodies<C: GenericClient>(
     c: &C,
     messages: &[(i64, u64)],
@@ -223,17 +222,28 @@ pub(super) async fn release_bodies<C: GenericClient>(
     }
     let convs: Vec<i64> = messages.iter().map(|m| m.0).collect();
     let seqs: Vec<i64> = messages.iter().map(|m| id(m.1)).collect();
+    let locked = query(
+        c,
+        "SELECT g.conversation_id, g.seq
+         FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS a(conversation_id, seq)
+         JOIN messages g ON g.conversation_id = a.conversation_id AND g.seq = a.seq
+         WHERE g.body IS NOT NULL
+         ORDER BY g.conversation_id, g.seq FOR UPDATE OF g",
+        &[&convs, &seqs],
+    )
+    .await?;
+    if locked.is_empty() {
+        return Ok(());
+    }
+    let convs: Vec<i64> = locked.iter().map(|r| r.col(0)).collect::<Result<_, _>>()?;
+    let seqs: Vec<i64> = locked.iter().map(|r| r.col(1)).collect::<Result<_, _>>()?;
     execute(
         c,
         "UPDATE messages g SET body = NULL
-         FROM (SELECT g2.conversation_id, g2.seq
-               FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS a(conversation_id, seq)
-               JOIN messages g2 ON g2.conversation_id = a.conversation_id AND g2.seq = a.seq
-               WHERE g2.body IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.kind = 1
-                                 AND m.conversation_id = a.conversation_id AND m.seq = a.seq)
-               FOR UPDATE OF g2 SKIP LOCKED) AS s
-         WHERE g.conversation_id = s.conversation_id AND g.seq = s.seq",
+         FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS a(conversation_id, seq)
+         WHERE g.conversation_id = a.conversation_id AND g.seq = a.seq
+           AND NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.kind = 1
+                           AND m.conversation_id = a.conversation_id AND m.seq = a.seq)",
         &[&convs, &seqs],
     )
     .await?;

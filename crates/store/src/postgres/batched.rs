@@ -4,7 +4,8 @@
 //!
 //! A batch locks what it writes up front, in the order every writer of this backend takes
 //! locks: conversation rows by ascending id (group ids, which are below 2^32, before direct
-//! ids), then receipt rows by (conversation, reader), then mailbox heads by ascending device.
+//! ids), then message rows by (conversation, seq) when their bodies are released, then receipt
+//! rows by (conversation, reader), then mailbox heads by ascending device.
 //! Two batches (of this node or another) that touch the same rows queue instead of
 //! deadlocking. Everything a post depends on is read after its conversation is locked, and
 //! each post is then decided in memory, in batch order, exactly as if the posts had been made
@@ -577,13 +578,14 @@ pub async fn ack_batch<C: GenericClient>(
     if deleted.is_empty() {
         return Ok(out);
     }
-    // Bodies no mailbox entry refers to any more are released; the watermarks of every
-    // (conversation, reader) grow, locking their rows in order. Pipelined.
+    // Bodies no mailbox entry refers to any more are released; then the watermarks of every
+    // (conversation, reader) grow, locking their rows in order.
     let acked_messages: Vec<(i64, u64)> = acked_messages
         .into_iter()
         .map(|(c, s)| (c, s as u64))
         .collect();
-    let release = release_bodies(c, &acked_messages);
+    // Message rows before receipt rows (the lock order), so not pipelined with what follows.
+    release_bodies(c, &acked_messages).await?;
     let wconv: Vec<i64> = per_reader.keys().map(|k| k.0).collect();
     let wreader: Vec<i64> = per_reader.keys().map(|k| id(k.1)).collect();
     let wseq: Vec<i64> = per_reader.values().map(|v| id(v.0)).collect();
@@ -606,7 +608,7 @@ pub async fn ack_batch<C: GenericClient>(
         )
         .await
     };
-    let (_, grown) = tokio::try_join!(release, raise)?;
+    let grown = raise.await?;
     // (conversation, reader) -> the reader's read watermark, for those that grew and have
     // someone to tell.
     let mut tell: Vec<((i64, UserId), u64)> = Vec::new();
