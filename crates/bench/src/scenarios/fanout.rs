@@ -48,16 +48,24 @@ pub async fn run(
     let arrivals: Arc<Mutex<HashMap<u64, (usize, Duration)>>> = Arc::default();
     let deliveries = Arc::new(AtomicU64::new(0));
     let per_delivery = Arc::new(Mutex::new(report::histogram()));
+    // A member stops listening 3 s after its last frame once the sends have begun; while the
+    // others are still connecting, it waits (connecting 999 members can take longer than 3 s).
+    let (began_tx, began) = tokio::sync::watch::channel(false);
     let mut receivers = Vec::new();
     for a in &accounts[1..] {
         let (mut tx, mut rx) = client::connect_synced(&target.addr, &a.token).await?;
         let (arr, del, hist) = (arrivals.clone(), deliveries.clone(), per_delivery.clone());
+        let began = began.clone();
         receivers.push(tokio::spawn(async move {
             let mut local = report::histogram();
             let (mut rid, mut n) = (10u64, 0u64);
-            while let Ok(Ok(Some(f))) =
-                tokio::time::timeout(Duration::from_secs(3), next_frame(&mut rx)).await
-            {
+            loop {
+                let idle = if *began.borrow() { 3 } else { 120 };
+                let Ok(Ok(Some(f))) =
+                    tokio::time::timeout(Duration::from_secs(idle), next_frame(&mut rx)).await
+                else {
+                    break;
+                };
                 let Some(server_frame::Kind::Event(e)) = f.kind else {
                     continue;
                 };
@@ -90,6 +98,7 @@ pub async fn run(
     }
     let (mut stx, mut srx) = client::connect_synced(&target.addr, &accounts[0].token).await?;
     let reader = tokio::spawn(async move { while let Ok(Some(_)) = next_frame(&mut srx).await {} });
+    let _ = began_tx.send(true);
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let started = Instant::now();

@@ -18,6 +18,11 @@
 //!   commits, and garbage collection skips locked objects (`FOR UPDATE SKIP LOCKED`) instead of
 //!   deleting one a reference is being added to.
 //!
+//! Posts and acknowledgements are written in batches (group commit): the requests of every
+//! connection queue for a few writer tasks ([`writer`]), and each batch is one transaction of
+//! set-based statements ([`batched`]). Every writer takes its row locks in one order, written
+//! there, so that overlapping transactions queue instead of deadlocking.
+//!
 //! A transaction that loses a deadlock or a serialisation check is run again from the start
 //! (at most [`MAX_ATTEMPTS`] times, then [`StoreError::Contended`]); so is one that found the
 //! devices it addresses changed under it. Lost connections and timeouts are
@@ -322,7 +327,7 @@ impl PgStore {
             ));
         }
         let mut config = tokio_postgres::Config::from_str(&opts.url)
-            .map_err(|e| db_error(format!("invalid PostgreSQL URL {redacted}: {e}")))?;
+            .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL {redacted}: {e}")))?;
         let mut options = format!(
             "-c statement_timeout={ms} -c lock_timeout={ms}",
             ms = opts.statement_timeout.as_millis()
