@@ -1,4 +1,4 @@
-//! The composition root: [`AppState::build`] wires the store, router, clock and services once
+//! The composition root: [`AppState::build`] wires the store, delivery hub, clock and services once
 //! and hands them down; nothing is looked up globally. [`run`] serves HTTP and WebSocket on a
 //! bound listener until `shutdown` fires, then closes sockets and flushes storage.
 
@@ -17,10 +17,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::PasswordHasher;
 use crate::config::{BlobBackend, Config, StorageBackend};
+use crate::delivery::Hub;
 use crate::media::{BlobStore, FsBlobs, Media};
 use crate::net::ConnLimiter;
 use crate::ratelimit::RateLimits;
-use crate::router::{LocalRouter, Router};
 use crate::services::groups::Groups;
 use crate::services::messaging::Messaging;
 use crate::services::presence::Presence;
@@ -31,7 +31,7 @@ use crate::services::{Clock, SystemClock};
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
-    pub router: Arc<dyn Router>,
+    pub hub: Arc<Hub>,
     pub clock: Arc<dyn Clock>,
     pub messaging: Arc<Messaging>,
     pub groups: Arc<Groups>,
@@ -91,17 +91,17 @@ impl AppState {
         AppState::with_parts(
             config,
             store,
-            Arc::new(LocalRouter::default()),
+            Arc::new(Hub::single_node()),
             Arc::new(SystemClock),
             blobs,
         )
     }
 
-    /// Builds the state from given parts (another store, router or clock).
+    /// Builds the state from given parts (another store, hub or clock).
     pub fn with_parts(
         config: Config,
         store: Arc<dyn Store>,
-        router: Arc<dyn Router>,
+        hub: Arc<Hub>,
         clock: Arc<dyn Clock>,
         blobs: Arc<dyn BlobStore>,
     ) -> anyhow::Result<AppState> {
@@ -109,7 +109,7 @@ impl AppState {
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
         let messaging = Arc::new(Messaging::new(
             store.clone(),
-            router.clone(),
+            hub.clone(),
             clock.clone(),
             rate_limits.clone(),
             config.limits.clone(),
@@ -135,11 +135,11 @@ impl AppState {
             ConnLimiter::new(max_connections, config.connections.max_per_address);
         let groups = Arc::new(Groups::new(
             store.clone(),
-            router.clone(),
+            hub.clone(),
             clock.clone(),
             config.limits.clone(),
         ));
-        let presence = Arc::new(Presence::new(store.clone(), router.clone(), clock.clone()));
+        let presence = Arc::new(Presence::new(store.clone(), hub.clone(), clock.clone()));
         let media = Arc::new(Media::new(
             store.clone(),
             blobs,
@@ -153,7 +153,7 @@ impl AppState {
             connection_limits,
             config: Arc::new(config),
             store,
-            router,
+            hub,
             clock,
             messaging,
             groups,

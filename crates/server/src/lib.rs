@@ -7,9 +7,10 @@
 //! - [`auth`]: password hashing (a bounded pool) and access tokens.
 //! - [`ratelimit`]: sign-ups, logins and sends per address, user or device.
 //! - [`net`]: the listener: connection bounds per address and in total, header timeouts.
-//! - [`router`]: which connection holds which device, and live hand-off of mailbox entries.
+//! - [`delivery`]: which connection holds which device (here and, through a directory, on
+//!   other nodes), and the live hand-off of mailbox entries.
 //! - [`services`]: messaging (send, ack, read) and presence (last seen), on top of the store
-//!   and the router.
+//!   and the delivery hub.
 //! - [`media`]: media objects and resumable uploads: blob store, quotas, garbage collection.
 //! - [`http`]: the JSON API under `/v1`, health and metrics.
 //! - [`gateway`]: the WebSocket endpoint, one task per connection.
@@ -18,13 +19,13 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod media;
 pub mod net;
 pub mod ratelimit;
-pub mod router;
 pub mod services;
 
 pub use app::{AppState, run};

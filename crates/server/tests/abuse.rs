@@ -617,7 +617,7 @@ async fn a_client_that_stops_reading_is_cut_at_once_and_loses_nothing() {
         ));
     }
     let sent = Instant::now();
-    while srv.state.router.is_online(bob) {
+    while srv.state.hub.is_online(bob).await {
         assert!(
             sent.elapsed() < Duration::from_secs(5),
             "the slow consumer is still connected"

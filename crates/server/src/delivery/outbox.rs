@@ -1,15 +1,10 @@
-//! Who holds which device, and the live hand-off of new mailbox entries.
-//!
-//! The store is the truth; the router is only the fast path. Handing an entry to a connection
-//! never blocks and never fails the sender: if the device is not connected here, the entry
-//! simply waits in its mailbox. Services depend on the [`Router`] trait, so a cluster router
-//! (another node over a bus) plugs in without touching them.
+//! The queue between the hub and one connection.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tern_store::{Delivery, DeviceId, MailboxEntry, UserId};
+use tern_store::MailboxEntry;
 use tokio::sync::Notify;
 
 /// Why the server is closing a connection. Each maps to a WebSocket close code (PROTOCOL.md).
@@ -26,6 +21,10 @@ pub enum CloseReason {
 /// The per-connection queue of live entries: bounded, never blocking the producer. When full,
 /// the connection is marked for closing instead of dropping an entry silently; the client
 /// reconnects and drains the mailbox, which still has everything.
+///
+/// Besides entries it carries a wake-up: "the mailbox holds entries up to `mseq`" without the
+/// entries themselves (they were committed on another node); the connection reads them from
+/// the store.
 pub struct Outbox {
     id: u64,
     cap: usize,
@@ -40,6 +39,8 @@ pub struct Outbox {
 struct OutboxInner {
     queue: VecDeque<MailboxEntry>,
     closed: Option<CloseReason>,
+    /// The highest mailbox sequence woken for and not yet taken (0: none).
+    woken: u64,
 }
 
 static NEXT_OUTBOX: AtomicU64 = AtomicU64::new(1);
@@ -82,6 +83,19 @@ impl Outbox {
         }
     }
 
+    /// Says that the mailbox holds entries up to `mseq`; never overflows (one number).
+    pub fn wake(&self, mseq: u64) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if inner.closed.is_some() || mseq <= inner.woken {
+            return;
+        }
+        inner.woken = mseq;
+        drop(inner);
+        self.notify.notify_one();
+    }
+
     pub fn close(&self, reason: CloseReason) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.closed.get_or_insert(reason);
@@ -115,98 +129,17 @@ impl Outbox {
         self.notify.notified().await
     }
 
-    /// Takes everything queued, or the close reason.
-    pub fn take(&self, into: &mut Vec<MailboxEntry>) -> Option<CloseReason> {
+    /// Takes everything queued and the highest mailbox sequence woken for (0: none), or the
+    /// close reason.
+    pub fn take(&self, into: &mut Vec<MailboxEntry>) -> Result<u64, CloseReason> {
         let Ok(mut inner) = self.inner.lock() else {
-            return Some(CloseReason::SlowConsumer);
+            return Err(CloseReason::SlowConsumer);
         };
         if let Some(reason) = inner.closed {
-            return Some(reason);
+            return Err(reason);
         }
         into.extend(inner.queue.drain(..));
-        None
-    }
-}
-
-/// Routes mailbox entries to connected devices.
-pub trait Router: Send + Sync + 'static {
-    /// Registers a connection for a device, replacing (and closing) an older one.
-    fn register(&self, user: UserId, device: DeviceId, outbox: Arc<Outbox>);
-    /// Removes a connection if it is still the registered one.
-    fn unregister(&self, user: UserId, device: DeviceId, outbox_id: u64);
-    /// Hands new entries to the connections holding their devices.
-    fn deliver(&self, deliveries: &[Delivery]);
-    /// Closes the device's connection, if any.
-    fn disconnect(&self, device: DeviceId, reason: CloseReason);
-    /// Whether any device of the user is connected.
-    fn is_online(&self, user: UserId) -> bool;
-}
-
-/// The single-node router: a map from device to its connection's outbox.
-#[derive(Default)]
-pub struct LocalRouter {
-    inner: Mutex<LocalInner>,
-}
-
-#[derive(Default)]
-struct LocalInner {
-    devices: HashMap<DeviceId, Arc<Outbox>>,
-    online: HashMap<UserId, u32>,
-}
-
-impl Router for LocalRouter {
-    fn register(&self, user: UserId, device: DeviceId, outbox: Arc<Outbox>) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        match inner.devices.insert(device, outbox) {
-            Some(old) => old.close(CloseReason::Replaced),
-            None => *inner.online.entry(user).or_default() += 1,
-        }
-        metrics::gauge!("tern_connections").set(inner.devices.len() as f64);
-    }
-
-    fn unregister(&self, user: UserId, device: DeviceId, outbox_id: u64) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        if inner
-            .devices
-            .get(&device)
-            .is_some_and(|o| o.id() == outbox_id)
-        {
-            inner.devices.remove(&device);
-            if let Some(n) = inner.online.get_mut(&user) {
-                *n -= 1;
-                if *n == 0 {
-                    inner.online.remove(&user);
-                }
-            }
-        }
-        metrics::gauge!("tern_connections").set(inner.devices.len() as f64);
-    }
-
-    fn deliver(&self, deliveries: &[Delivery]) {
-        let Ok(inner) = self.inner.lock() else { return };
-        for d in deliveries {
-            if let Some(outbox) = inner.devices.get(&d.device) {
-                outbox.push(d.entry.clone());
-            }
-        }
-    }
-
-    fn disconnect(&self, device: DeviceId, reason: CloseReason) {
-        let Ok(inner) = self.inner.lock() else { return };
-        if let Some(outbox) = inner.devices.get(&device) {
-            outbox.close(reason);
-        }
-    }
-
-    fn is_online(&self, user: UserId) -> bool {
-        self.inner
-            .lock()
-            .map(|i| i.online.contains_key(&user))
-            .unwrap_or(false)
+        Ok(std::mem::take(&mut inner.woken))
     }
 }
 
@@ -245,12 +178,25 @@ mod tests {
         o.push(entry(1));
         o.push(entry(2));
         let mut got = Vec::new();
-        assert_eq!(o.take(&mut got), None);
+        assert_eq!(o.take(&mut got), Ok(0));
         assert_eq!(got.len(), 2);
         o.push(entry(3));
         o.push(entry(4));
         o.push(entry(5));
-        assert_eq!(o.take(&mut got), Some(CloseReason::SlowConsumer));
+        assert_eq!(o.take(&mut got), Err(CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn a_wake_up_keeps_the_highest_sequence_until_taken() {
+        let o = Outbox::new(2);
+        o.wake(5);
+        o.wake(3);
+        let mut got = Vec::new();
+        assert_eq!(o.take(&mut got), Ok(5));
+        assert_eq!(o.take(&mut got), Ok(0), "taken once");
+        o.wake(9);
+        o.close(CloseReason::Replaced);
+        assert_eq!(o.take(&mut got), Err(CloseReason::Replaced));
     }
 
     #[tokio::test]
@@ -272,23 +218,5 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), o.wait())
             .await
             .expect("queue wake-up kept");
-    }
-
-    #[test]
-    fn register_replaces_and_tracks_online() {
-        let r = LocalRouter::default();
-        let (a, b) = (Outbox::new(4), Outbox::new(4));
-        r.register(7, 70, a.clone());
-        assert!(r.is_online(7));
-        r.register(7, 70, b.clone());
-        let mut v = Vec::new();
-        assert_eq!(a.take(&mut v), Some(CloseReason::Replaced));
-        r.unregister(7, 70, a.id());
-        assert!(
-            r.is_online(7),
-            "stale unregister must not remove the new connection"
-        );
-        r.unregister(7, 70, b.id());
-        assert!(!r.is_online(7));
     }
 }

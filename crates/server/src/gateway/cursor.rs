@@ -2,7 +2,7 @@
 //!
 //! A device's mailbox entries are numbered 1, 2, 3, … in commit order (consecutive, per device).
 //! Live hand-offs can reach a connection out of order or not at all (two commits racing to the
-//! router, a lost bus message in a cluster); the store cannot. So the connection remembers the
+//! hub, a lost bus message in a cluster); the store cannot. So the connection remembers the
 //! last mailbox sequence it sent and, for each live entry, decides:
 //!
 //! - `mseq <= sent`: already sent (by the drain or a gap fill): skip it;

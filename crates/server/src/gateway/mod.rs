@@ -1,7 +1,7 @@
 //! The WebSocket gateway at `/v1/ws`: one task per connection.
 //!
 //! A connection goes through: handshake (`Hello` → `Welcome`, within `handshake_timeout`),
-//! registration with the router (live entries start queueing in its [`Outbox`]), the drain of
+//! registration with the hub (live entries start queueing in its [`Outbox`]), the drain of
 //! the mailbox from the store, `Synced`, and then the main loop, which answers requests and
 //! forwards live entries in mailbox order (see [`cursor`]).
 //!
@@ -31,9 +31,9 @@ use tern_store::{DeviceAuth, MailboxEntry};
 use tokio::time::Instant;
 
 use crate::app::AppState;
+use crate::delivery::{CloseReason, Outbox};
 use crate::error::ApiError;
 use crate::net::ConnControl;
-use crate::router::{CloseReason, Outbox};
 use cursor::{Cursor, Next};
 
 /// Mailbox entries read from the store at a time while draining.
@@ -149,8 +149,9 @@ async fn connection(mut socket: WebSocket, state: AppState, control: Option<Conn
     // Subscribe first, then drain: an entry committed in between is both queued and in the
     // store, and the cursor sends it once.
     state
-        .router
-        .register(who.user_id, who.device_id, outbox.clone());
+        .hub
+        .register(who.user_id, who.device_id, outbox.clone())
+        .await;
     state.presence.touch(who.user_id, who.device_id);
     metrics::counter!("tern_connections_opened_total").increment(1);
     let end = Conn {
@@ -163,8 +164,9 @@ async fn connection(mut socket: WebSocket, state: AppState, control: Option<Conn
     .run()
     .await;
     state
-        .router
-        .unregister(who.user_id, who.device_id, outbox.id());
+        .hub
+        .unregister(who.user_id, who.device_id, outbox.id())
+        .await;
     state.presence.touch(who.user_id, who.device_id);
     match end {
         End::Close(code, reason) => {
@@ -434,12 +436,11 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Forwards queued live entries in mailbox order, filling gaps from the store.
+    /// Forwards queued live entries in mailbox order, filling gaps (and what a wake-up names)
+    /// from the store.
     async fn forward_live(&mut self, buf: &mut Vec<MailboxEntry>) -> SendResult {
-        if let Some(reason) = self.outbox.take(buf) {
-            return Err(closed_end(reason));
-        }
-        // Entries of one commit come in order, but commits may race to the router.
+        let woken = self.outbox.take(buf).map_err(closed_end)?;
+        // Entries of one commit come in order, but commits may race to the hub.
         buf.sort_unstable_by_key(|e| e.mseq);
         for entry in std::mem::take(buf) {
             match self.cursor.classify(entry.mseq) {
@@ -452,6 +453,10 @@ impl Conn<'_> {
                     }
                 }
             }
+        }
+        // Entries committed on another node arrive as a wake-up only: read them from the store.
+        if woken > self.cursor.sent() {
+            self.drain().await?;
         }
         Ok(())
     }

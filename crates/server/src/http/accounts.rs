@@ -14,8 +14,8 @@ use tern_proto::validate;
 use super::{ApiJson, Authed};
 use crate::app::AppState;
 use crate::auth::{self, HashError};
+use crate::delivery::CloseReason;
 use crate::error::ApiError;
-use crate::router::CloseReason;
 
 /// Password hashing's refusals as API errors: a full pool is `unavailable` with a short
 /// retry-after (the queue drains in well under a second per waiting place).
@@ -134,7 +134,7 @@ pub async fn login(
 
 async fn remove(state: &AppState, user: u64, device: u64) -> Result<StatusCode, ApiError> {
     state.store.remove_device(user, device).await?;
-    state.router.disconnect(device, CloseReason::Revoked);
+    state.hub.disconnect(device, CloseReason::Revoked);
     tracing::info!(user_id = user, device_id = device, "device removed");
     Ok(StatusCode::NO_CONTENT)
 }

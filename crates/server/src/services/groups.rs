@@ -13,8 +13,8 @@ use tern_proto::http::{
 use tern_proto::{ErrorCode, Limits, validate};
 use tern_store::{DeviceAuth, GroupChange, GroupId, GroupOp, GroupRecord, NewGroup, Store, UserId};
 
+use crate::delivery::Hub;
 use crate::error::ApiError;
-use crate::router::Router;
 use crate::services::Clock;
 
 /// Most groups listed for one user.
@@ -22,7 +22,7 @@ const MAX_LISTED_GROUPS: usize = 5000;
 
 pub struct Groups {
     store: Arc<dyn Store>,
-    router: Arc<dyn Router>,
+    hub: Arc<Hub>,
     clock: Arc<dyn Clock>,
     limits: Limits,
 }
@@ -55,13 +55,13 @@ pub fn info(g: GroupRecord) -> GroupInfo {
 impl Groups {
     pub fn new(
         store: Arc<dyn Store>,
-        router: Arc<dyn Router>,
+        hub: Arc<Hub>,
         clock: Arc<dyn Clock>,
         limits: Limits,
     ) -> Self {
         Groups {
             store,
-            router,
+            hub,
             clock,
             limits,
         }
@@ -97,7 +97,7 @@ impl Groups {
     }
 
     fn deliver(&self, change: GroupChange) -> GroupInfo {
-        self.router.deliver(&change.deliveries);
+        self.hub.deliver(&change.deliveries);
         info(change.group)
     }
 

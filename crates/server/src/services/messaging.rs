@@ -1,4 +1,4 @@
-//! Sending, acknowledging and reading: "store, then hand to the router". A message is committed
+//! Sending, acknowledging and reading: "store, then hand to the hub". A message is committed
 //! with the mailbox entries of every addressed device before anyone hears of it; only then are
 //! the entries handed to connected devices. A lost hand-off delays an entry until the device's
 //! next drain; it never loses it.
@@ -11,14 +11,14 @@ use tern_store::{
     AddressedDevice, DeviceAuth, MailboxLimit, NewMessage, PostOutcome, Store, Target,
 };
 
+use crate::delivery::Hub;
 use crate::error::ApiError;
 use crate::ratelimit::RateLimits;
-use crate::router::Router;
 use crate::services::Clock;
 
 pub struct Messaging {
     store: Arc<dyn Store>,
-    router: Arc<dyn Router>,
+    hub: Arc<Hub>,
     clock: Arc<dyn Clock>,
     rate_limits: Arc<RateLimits>,
     limits: Limits,
@@ -44,7 +44,7 @@ fn target(p: Option<&frames::Peer>) -> Result<Target, ApiError> {
 impl Messaging {
     pub fn new(
         store: Arc<dyn Store>,
-        router: Arc<dyn Router>,
+        hub: Arc<Hub>,
         clock: Arc<dyn Clock>,
         rate_limits: Arc<RateLimits>,
         limits: Limits,
@@ -52,7 +52,7 @@ impl Messaging {
     ) -> Self {
         Messaging {
             store,
-            router,
+            hub,
             clock,
             rate_limits,
             limits,
@@ -175,7 +175,7 @@ impl Messaging {
                 deliveries,
             } => {
                 metrics::counter!("tern_messages_stored_total").increment(1);
-                self.router.deliver(&deliveries);
+                self.hub.deliver(&deliveries);
                 SendReceipt {
                     seq,
                     server_ts_ms,
@@ -199,7 +199,7 @@ impl Messaging {
             .store
             .ack(who.clone(), up_to, self.clock.now_ms())
             .await?;
-        self.router.deliver(&receipts);
+        self.hub.deliver(&receipts);
         Ok(())
     }
 
@@ -219,7 +219,7 @@ impl Messaging {
                 self.clock.now_ms(),
             )
             .await?;
-        self.router.deliver(&receipts);
+        self.hub.deliver(&receipts);
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! Services: the messenger's behaviour on top of the store (truth) and the router (fast path).
+//! Services: the messenger's behaviour on top of the store (truth) and the delivery hub (fast path).
 //! They take time from a [`Clock`] so that tests and the decision logic need no OS clock.
 
 pub mod groups;

@@ -10,8 +10,8 @@ use tern_proto::http::{LastSeenResponse, Visibility};
 use tern_store::{DeviceId, LastSeenUpdate, Store, UserId, UserRecord};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::Hub;
 use crate::error::ApiError;
-use crate::router::Router;
 use crate::services::Clock;
 
 /// Most pending updates kept between flushes; past it, a flush is due at once. One entry per
@@ -28,7 +28,7 @@ struct Pending {
 
 pub struct Presence {
     store: Arc<dyn Store>,
-    router: Arc<dyn Router>,
+    hub: Arc<Hub>,
     clock: Arc<dyn Clock>,
     pending: Mutex<Pending>,
     flush_now: tokio::sync::Notify,
@@ -50,10 +50,10 @@ pub fn visible(target: Visibility, viewer: Visibility, contacts: bool, same_user
 }
 
 impl Presence {
-    pub fn new(store: Arc<dyn Store>, router: Arc<dyn Router>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(store: Arc<dyn Store>, hub: Arc<Hub>, clock: Arc<dyn Clock>) -> Self {
         Presence {
             store,
-            router,
+            hub,
             clock,
             pending: Mutex::new(Pending::default()),
             flush_now: tokio::sync::Notify::new(),
@@ -143,7 +143,7 @@ impl Presence {
         Ok(LastSeenResponse {
             username: target.username.clone(),
             visible: true,
-            online: self.router.is_online(target.id),
+            online: self.hub.is_online(target.id).await,
             last_seen_ms: latest,
         })
     }
