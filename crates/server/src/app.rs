@@ -88,22 +88,25 @@ impl AppState {
                 anyhow::bail!("media.backend = \"s3\" needs a ternd built with `--features s3`")
             }
         };
-        AppState::with_parts(
-            config,
-            store,
-            Arc::new(Hub::single_node()),
-            Arc::new(SystemClock),
-            blobs,
-        )
+        let shutdown = CancellationToken::new();
+        let hub = if config.cluster.enabled {
+            let node = crate::cluster::node_id(&config.cluster);
+            crate::cluster::join(&config.cluster, node, shutdown.clone()).await?
+        } else {
+            Arc::new(Hub::single_node())
+        };
+        AppState::with_parts(config, store, hub, Arc::new(SystemClock), blobs, shutdown)
     }
 
-    /// Builds the state from given parts (another store, hub or clock).
+    /// Builds the state from given parts (another store, hub or clock); `shutdown` stops
+    /// everything, the hub's tasks included.
     pub fn with_parts(
         config: Config,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         clock: Arc<dyn Clock>,
         blobs: Arc<dyn BlobStore>,
+        shutdown: CancellationToken,
     ) -> anyhow::Result<AppState> {
         config.validate()?;
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
@@ -162,7 +165,7 @@ impl AppState {
             metrics: prometheus(),
             decoy_hash,
             connections: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
+            shutdown,
         })
     }
 }

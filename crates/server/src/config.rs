@@ -33,6 +33,73 @@ pub struct Config {
     pub mailbox: MailboxLimits,
     /// Media: blob store, limits, quotas and retention.
     pub media: MediaConfig,
+    /// Several nodes behind a load balancer: Redis and NATS (off by default: one node).
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode: this node is one of several sharing one PostgreSQL database, with a
+/// connection directory in Redis and signals between nodes over NATS (ARCHITECTURE.md).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Off: the node is alone and needs neither Redis nor NATS.
+    pub enabled: bool,
+    /// This node's id, unique in the cluster (letters, digits, `-` and `_`, at most 64);
+    /// empty: a random one at every start (entries of an old id expire by themselves).
+    pub node_id: String,
+    /// `redis://host:6379` (or `rediss://`, `redis://:password@host`). Never logged whole.
+    pub redis_url: String,
+    /// `nats://host:4222`, or several separated by commas.
+    pub nats_url: String,
+    /// The prefix of every Redis key and NATS subject, so that clusters can share servers.
+    pub prefix: String,
+    /// Seconds a directory entry lives without renewal (renewed every third of it), so that a
+    /// crashed node's connections are forgotten by then.
+    pub directory_ttl_secs: u64,
+    /// Seconds between re-reads of every connection's mailbox, for wake-ups lost on the way.
+    pub recheck_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node_id: String::new(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            prefix: "tern".into(),
+            directory_ttl_secs: 30,
+            recheck_secs: 60,
+        }
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("enabled", &self.enabled)
+            .field("node_id", &self.node_id)
+            .field(
+                "redis_url",
+                &tern_store::postgres::redact_url(&self.redis_url),
+            )
+            .field(
+                "nats_url",
+                &tern_store::postgres::redact_url(&self.nats_url),
+            )
+            .field("prefix", &self.prefix)
+            .field("directory_ttl_secs", &self.directory_ttl_secs)
+            .field("recheck_secs", &self.recheck_secs)
+            .finish()
+    }
+}
+
+/// Whether `s` is a usable node id or prefix: 1 to 64 of letters, digits, `-` and `_` (they
+/// go into Redis keys and NATS subjects).
+pub fn valid_cluster_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Bounds on connections, so that no one can exhaust the server's file descriptors.
@@ -298,6 +365,7 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             mailbox: MailboxLimits::default(),
             media: MediaConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -467,6 +535,28 @@ impl Config {
         if m.backend == BlobBackend::S3 && m.s3.bucket.is_empty() {
             return bad("media.s3.bucket is required with media.backend = \"s3\"");
         }
+        let c = &self.cluster;
+        if c.enabled {
+            if st.backend != StorageBackend::Postgres {
+                return bad(
+                    "cluster.enabled needs storage.backend = \"postgres\": the nodes share one database",
+                );
+            }
+            if c.redis_url.is_empty() || c.nats_url.is_empty() {
+                return bad("cluster.redis_url and cluster.nats_url are required in cluster mode");
+            }
+            if !c.node_id.is_empty() && !valid_cluster_name(&c.node_id) {
+                return bad("cluster.node_id: 1 to 64 letters, digits, - and _ (or empty: random)");
+            }
+            if !valid_cluster_name(&c.prefix) {
+                return bad("cluster.prefix: 1 to 64 letters, digits, - and _");
+            }
+            if c.directory_ttl_secs < 3 || c.recheck_secs == 0 {
+                return bad(
+                    "cluster.directory_ttl_secs must be at least 3 and cluster.recheck_secs positive",
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -489,6 +579,39 @@ mod tests {
         assert!(Config::from_toml("sqlite_readers = 4").is_err());
         assert!(Config::from_toml("[storage.postgres]\nuri = \"postgres://db/tern\"").is_err());
         assert!(Config::from_toml("[storage]\nbackend = \"mysql\"").is_err());
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let pg =
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://db/tern\"\n";
+        let ok = Config::from_toml(&format!("{pg}[cluster]\nenabled = true\nnode_id = \"a-1\""))
+            .expect("parses");
+        assert!(ok.validate().is_ok());
+        for bad in [
+            // the nodes must share a database
+            "[cluster]\nenabled = true".to_owned(),
+            format!("{pg}[cluster]\nenabled = true\nnode_id = \"a.b\""),
+            format!("{pg}[cluster]\nenabled = true\nprefix = \"\""),
+            format!("{pg}[cluster]\nenabled = true\nredis_url = \"\""),
+            format!("{pg}[cluster]\nenabled = true\ndirectory_ttl_secs = 1"),
+        ] {
+            let c = Config::from_toml(&bad).expect("parses");
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(
+            Config::from_toml("[cluster]\nnode = \"a\"").is_err(),
+            "unknown key"
+        );
+        let shown = format!(
+            "{:?}",
+            Config::from_toml(&format!(
+                "{pg}[cluster]\nredis_url = \"redis://:hunter2@r:6379\""
+            ))
+            .expect("parses")
+            .cluster
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

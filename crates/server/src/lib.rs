@@ -9,6 +9,7 @@
 //! - [`net`]: the listener: connection bounds per address and in total, header timeouts.
 //! - [`delivery`]: which connection holds which device (here and, through a directory, on
 //!   other nodes), and the live hand-off of mailbox entries.
+//! - [`cluster`]: the Redis directory and the NATS bus of cluster mode.
 //! - [`services`]: messaging (send, ack, read) and presence (last seen), on top of the store
 //!   and the delivery hub.
 //! - [`media`]: media objects and resumable uploads: blob store, quotas, garbage collection.
@@ -18,6 +19,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod error;

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tern_store::{Delivery, DeviceId, UserId};
 
+use super::directory::Held;
 use super::outbox::{CloseReason, Outbox};
 
 /// The devices connected to this node, each with its connection's outbox.
@@ -15,7 +16,7 @@ pub struct Connections {
 
 #[derive(Default)]
 struct Inner {
-    devices: HashMap<DeviceId, Arc<Outbox>>,
+    devices: HashMap<DeviceId, (UserId, Arc<Outbox>)>,
     /// Connected devices per user.
     online: HashMap<UserId, u32>,
 }
@@ -27,8 +28,8 @@ impl Connections {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        match inner.devices.insert(device, outbox) {
-            Some(old) => old.close(CloseReason::Replaced),
+        match inner.devices.insert(device, (user, outbox)) {
+            Some((_, old)) => old.close(CloseReason::Replaced),
             None => *inner.online.entry(user).or_default() += 1,
         }
         metrics::gauge!("tern_connections").set(inner.devices.len() as f64);
@@ -42,7 +43,7 @@ impl Connections {
         let current = inner
             .devices
             .get(&device)
-            .is_some_and(|o| o.id() == outbox_id);
+            .is_some_and(|(_, o)| o.id() == outbox_id);
         if current {
             inner.devices.remove(&device);
             if let Some(n) = inner.online.get_mut(&user) {
@@ -56,20 +57,62 @@ impl Connections {
         current
     }
 
-    /// Hands entries to the connections here that hold their devices.
-    pub fn push(&self, deliveries: &[Delivery]) {
+    /// Hands entries to the connections here that hold their devices; with `elsewhere`, adds
+    /// the deliveries for devices not connected here to it.
+    pub fn push<'a>(
+        &self,
+        deliveries: &'a [Delivery],
+        mut elsewhere: Option<&mut Vec<&'a Delivery>>,
+    ) {
         let Ok(inner) = self.inner.lock() else { return };
         for d in deliveries {
-            if let Some(outbox) = inner.devices.get(&d.device) {
-                outbox.push(d.entry.clone());
+            match inner.devices.get(&d.device) {
+                Some((_, outbox)) => outbox.push(d.entry.clone()),
+                None => {
+                    if let Some(rest) = elsewhere.as_deref_mut() {
+                        rest.push(d);
+                    }
+                }
             }
         }
+    }
+
+    /// Tells the device's connection here, if any, that its mailbox holds entries up to `mseq`.
+    pub fn wake(&self, device: DeviceId, mseq: u64) {
+        let Ok(inner) = self.inner.lock() else { return };
+        if let Some((_, outbox)) = inner.devices.get(&device) {
+            outbox.wake(mseq);
+        }
+    }
+
+    /// Has every connection here re-read its mailbox (after signals may have been lost).
+    pub fn wake_all(&self) {
+        let Ok(inner) = self.inner.lock() else { return };
+        for (_, outbox) in inner.devices.values() {
+            outbox.wake(u64::MAX);
+        }
+    }
+
+    /// Every connection here.
+    pub fn held(&self) -> Vec<Held> {
+        let Ok(inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        inner
+            .devices
+            .iter()
+            .map(|(&device, (user, outbox))| Held {
+                user: *user,
+                device,
+                conn: outbox.id(),
+            })
+            .collect()
     }
 
     /// Closes the device's connection here, if any (only `outbox_id`'s, when given).
     pub fn close(&self, device: DeviceId, outbox_id: Option<u64>, reason: CloseReason) {
         let Ok(inner) = self.inner.lock() else { return };
-        if let Some(outbox) = inner.devices.get(&device)
+        if let Some((_, outbox)) = inner.devices.get(&device)
             && outbox_id.is_none_or(|id| id == outbox.id())
         {
             outbox.close(reason);

@@ -165,7 +165,12 @@ async fn connection(mut socket: WebSocket, state: AppState, control: Option<Conn
     .await;
     state
         .hub
-        .unregister(who.user_id, who.device_id, outbox.id())
+        .unregister(
+            who.user_id,
+            who.device_id,
+            outbox.id(),
+            state.clock.now_ms(),
+        )
         .await;
     state.presence.touch(who.user_id, who.device_id);
     match end {

@@ -134,7 +134,10 @@ pub async fn login(
 
 async fn remove(state: &AppState, user: u64, device: u64) -> Result<StatusCode, ApiError> {
     state.store.remove_device(user, device).await?;
-    state.hub.disconnect(device, CloseReason::Revoked);
+    state
+        .hub
+        .disconnect(user, device, CloseReason::Revoked)
+        .await;
     tracing::info!(user_id = user, device_id = device, "device removed");
     Ok(StatusCode::NO_CONTENT)
 }

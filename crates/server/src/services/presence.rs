@@ -136,14 +136,21 @@ impl Presence {
                 last_seen_ms: None,
             });
         }
-        let latest = [target.last_seen_ms, self.pending_for(target.id)]
-            .into_iter()
-            .flatten()
-            .max();
+        // Written here and not flushed yet, flushed by any node, or left on another node and
+        // not flushed yet: the latest wins.
+        let elsewhere = self.hub.presence(target.id).await;
+        let latest = [
+            target.last_seen_ms,
+            self.pending_for(target.id),
+            elsewhere.last_seen_ms,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         Ok(LastSeenResponse {
             username: target.username.clone(),
             visible: true,
-            online: self.hub.is_online(target.id).await,
+            online: elsewhere.online,
             last_seen_ms: latest,
         })
     }

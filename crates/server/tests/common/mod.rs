@@ -765,3 +765,94 @@ pub async fn s3_bucket(name: &str) -> Option<tern_server::config::S3Config> {
         allow_http: true,
     })
 }
+
+/// Redis and NATS for cluster tests: `TERN_TEST_REDIS` and `TERN_TEST_NATS` (URLs), beside
+/// `TERN_TEST_POSTGRES`; `.ci/run` sets all three. The keys and subjects of one test live
+/// under a prefix of its own; its Redis keys are deleted when it is dropped.
+pub struct ClusterEnv {
+    pub redis: String,
+    pub nats: String,
+    pub prefix: String,
+}
+
+impl ClusterEnv {
+    /// `None`, after saying so on stderr, when a service of cluster mode is not configured.
+    pub fn from_env(test: &str) -> Option<ClusterEnv> {
+        let var = |name: &str| std::env::var(name).ok().filter(|s| !s.trim().is_empty());
+        match (
+            postgres_url(),
+            var("TERN_TEST_REDIS"),
+            var("TERN_TEST_NATS"),
+        ) {
+            (Some(_), Some(redis), Some(nats)) => Some(ClusterEnv {
+                redis,
+                nats,
+                prefix: format!("t{:016x}", rand::random::<u64>()),
+            }),
+            _ => {
+                eprintln!(
+                    "skipped {test}: cluster tests need TERN_TEST_POSTGRES, TERN_TEST_REDIS and TERN_TEST_NATS (.ci/run sets them)"
+                );
+                None
+            }
+        }
+    }
+
+    /// Cluster settings for node `node`.
+    pub fn apply(&self, config: &mut Config, node: &str) {
+        let c = &mut config.cluster;
+        c.enabled = true;
+        c.node_id = node.to_owned();
+        c.redis_url = self.redis.clone();
+        c.nats_url = self.nats.clone();
+        c.prefix = self.prefix.clone();
+    }
+}
+
+impl Drop for ClusterEnv {
+    fn drop(&mut self) {
+        let (url, pattern) = (self.redis.clone(), format!("{}:*", self.prefix));
+        let outcome = std::thread::spawn(move || -> redis::RedisResult<()> {
+            let mut conn = redis::Client::open(url)?.get_connection()?;
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(keys).query::<()>(&mut conn)?;
+            }
+            Ok(())
+        })
+        .join();
+        if !matches!(outcome, Ok(Ok(()))) {
+            eprintln!("warning: cannot delete the Redis keys of {}", self.prefix);
+        }
+    }
+}
+
+/// Several in-process nodes on one PostgreSQL schema, one Redis and one NATS.
+pub struct TestCluster {
+    pub nodes: Vec<TestServer>,
+    /// Last: the keys go once the nodes are stopped.
+    pub env: ClusterEnv,
+}
+
+impl TestCluster {
+    /// `n` nodes named `a`, `b`, …; `None` (skipped) without the services.
+    pub async fn start(test: &str, n: usize, tweak: impl Fn(&mut Config)) -> Option<TestCluster> {
+        let env = ClusterEnv::from_env(test)?;
+        let mut nodes: Vec<TestServer> = Vec::new();
+        for i in 0..n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            if let Some(first) = nodes.first() {
+                let name = &first.pg.as_ref().expect("a PostgreSQL schema").name;
+                std::fs::write(dir.path().join(SCHEMA_FILE), name).expect("schema file");
+            }
+            let node = ((b'a' + i as u8) as char).to_string();
+            let server = TestServer::start_in(dir, |c| {
+                env.apply(c, &node);
+                tweak(c);
+            })
+            .await;
+            nodes.push(server);
+        }
+        Some(TestCluster { nodes, env })
+    }
+}

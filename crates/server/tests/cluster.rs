@@ -1,0 +1,238 @@
+//! Cluster mode: several in-process nodes on one PostgreSQL schema, the machine's Redis and
+//! NATS (`TERN_TEST_POSTGRES`, `TERN_TEST_REDIS`, `TERN_TEST_NATS`; skipped, saying so,
+//! without them). Each test has its own schema, key prefix and subject prefix.
+//!
+//! The periodic re-check and the directory's renewal are an hour apart here, so what arrives
+//! in seconds came over the bus.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tern_proto::frames::*;
+
+/// No periodic re-read and no renewal within a test: what happens came over the bus.
+fn quiet_recheck(c: &mut tern_server::Config) {
+    c.cluster.recheck_secs = 3600;
+    c.cluster.directory_ttl_secs = 3600;
+}
+
+async fn sent(raw: &mut Raw, rid: u64) -> u64 {
+    match raw.answer(rid, &mut Vec::new()).await {
+        server_frame::Kind::Sent(s) => s.seq,
+        other => panic!("expected Sent, got {other:?}"),
+    }
+}
+
+/// The next event, within a few seconds (far below the re-check interval).
+async fn event(raw: &mut Raw) -> Event {
+    match raw.recv().await.kind {
+        Some(server_frame::Kind::Event(e)) => e,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn message(e: &Event) -> &Message {
+    match &e.kind {
+        Some(event::Kind::Message(m)) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn messages_and_receipts_cross_nodes_live_in_order() {
+    let Some(cluster) = TestCluster::start("cluster", 2, quiet_recheck).await else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (_alice, _, ta) = a.http().account("alice").await;
+    let (bob, b1, tb) = a.http().account("bob").await;
+    let (mut alice_ws, _, _) = Raw::connect(a.addr, &ta).await;
+    let (mut bob_ws, _, _) = Raw::connect(b.addr, &tb).await;
+
+    let started = Instant::now();
+    let mut seqs = Vec::new();
+    for i in 0..20 {
+        let rid = alice_ws
+            .send_text_msg(
+                bob,
+                &format!("m{i}"),
+                format!("hello {i}").as_bytes(),
+                &[b1],
+            )
+            .await;
+        seqs.push(sent(&mut alice_ws, rid).await);
+    }
+    let mut got = Vec::new();
+    let mut last_mseq = 0;
+    while got.len() < 20 {
+        let e = event(&mut bob_ws).await;
+        assert!(e.mailbox_seq > last_mseq, "in mailbox order");
+        last_mseq = e.mailbox_seq;
+        got.push(message(&e).seq);
+    }
+    assert_eq!(got, seqs, "every message once, in order");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "delivered live, not by the hourly re-check"
+    );
+
+    // Bob acknowledges on node b; alice, on node a, sees the delivered tick live.
+    let rid = bob_ws
+        .request(client_frame::Kind::Ack(Ack { up_to: last_mseq }))
+        .await;
+    assert!(matches!(
+        bob_ws.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Done(_)
+    ));
+    let receipt = loop {
+        if let Some(event::Kind::Receipt(r)) = event(&mut alice_ws).await.kind {
+            break r;
+        }
+    };
+    assert_eq!(receipt.up_to_seq, *seqs.last().expect("sent"));
+}
+
+#[tokio::test]
+async fn a_group_message_reaches_members_on_every_node() {
+    let Some(cluster) = TestCluster::start("cluster", 3, quiet_recheck).await else {
+        return;
+    };
+    let http = cluster.nodes[0].http();
+    let mut members = Vec::new();
+    for name in ["ann", "ben", "cal"] {
+        members.push(http.account(name).await);
+    }
+    let (s, v) = http
+        .post(
+            "/v1/groups",
+            serde_json::json!({"name": "trio", "members": ["ben", "cal"]}),
+            Some(&members[0].2),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let group = v["group_id"].as_u64().expect("group id");
+    // ann on node a, ben on b, cal on c.
+    let mut sockets = Vec::new();
+    for (i, (_, _, token)) in members.iter().enumerate() {
+        let (ws, _, _) = Raw::connect(cluster.nodes[i].addr, token).await;
+        sockets.push(ws);
+    }
+    let devices: Vec<u64> = members[1..].iter().map(|m| m.1).collect();
+    let rid = sockets[0]
+        .request(client_frame::Kind::Send(Send {
+            client_msg_id: "g1".into(),
+            to: Some(Peer::group(group)),
+            body: b"to all".to_vec(),
+            devices: devices
+                .iter()
+                .map(|d| DeviceBody {
+                    device_id: *d,
+                    body: None,
+                })
+                .collect(),
+        }))
+        .await;
+    let seq = sent(&mut sockets[0], rid).await;
+    for ws in &mut sockets[1..] {
+        let m = loop {
+            let e = event(ws).await;
+            if let Some(event::Kind::Message(m)) = e.kind
+                && m.seq == seq
+            {
+                break m;
+            }
+        };
+        assert_eq!(m.body, b"to all");
+    }
+}
+
+#[tokio::test]
+async fn a_device_connecting_to_a_second_node_closes_its_first_connection() {
+    let Some(cluster) = TestCluster::start("cluster", 2, quiet_recheck).await else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (_, _, tb) = a.http().account("bob").await;
+    let (mut first, _, _) = Raw::connect(a.addr, &tb).await;
+    let (mut second, _, _) = Raw::connect(b.addr, &tb).await;
+    assert_eq!(first.closed().await, Some(4006), "replaced across nodes");
+    // The newer one stays.
+    let rid = second
+        .request(client_frame::Kind::Ping(Ping { client_time_ms: 0 }))
+        .await;
+    assert!(matches!(
+        second.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Pong(_)
+    ));
+}
+
+#[tokio::test]
+async fn removing_a_device_on_one_node_disconnects_it_on_another() {
+    let Some(cluster) = TestCluster::start("cluster", 2, quiet_recheck).await else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (_, _, t1) = a.http().account("alice").await;
+    let (_, d2, t2) = a.http().login("alice").await;
+    let (mut ws2, _, _) = Raw::connect(b.addr, &t2).await;
+    let (s, _) = a
+        .http()
+        .delete(&format!("/v1/devices/{d2}"), Some(&t1))
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(ws2.closed().await, Some(4001));
+}
+
+#[tokio::test]
+async fn online_and_last_seen_are_cluster_wide() {
+    // Last seen is written to the database every hour here: what node a knows of a
+    // disconnect on node b came through the directory.
+    let Some(cluster) = TestCluster::start("cluster", 2, |c| {
+        quiet_recheck(c);
+        c.last_seen_flush_secs = 3600;
+    })
+    .await
+    else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (_, _, ta) = a.http().account("alice").await;
+    let (_, _, tb) = a.http().account("bob").await;
+    for token in [&ta, &tb] {
+        let (s, _) = a
+            .http()
+            .put_json(
+                "/v1/settings/privacy",
+                serde_json::json!({"last_seen": "everyone"}),
+                Some(token),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let (bob_ws, _, _) = Raw::connect(b.addr, &tb).await;
+    let (s, v) = a.http().get("/v1/users/bob/last-seen", Some(&ta)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["online"], true, "bob is online on node b: {v}");
+    let before = now_ms();
+    drop(bob_ws);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = a.http().get("/v1/users/bob/last-seen", Some(&ta)).await;
+        if v["online"] == false {
+            let seen = v["last_seen_ms"].as_i64().expect("last seen");
+            assert!(seen >= before - 1000, "the disconnect on node b: {v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still online: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
