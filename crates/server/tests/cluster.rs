@@ -230,3 +230,132 @@ fn now_ms() -> i64 {
         .expect("clock")
         .as_millis() as i64
 }
+
+/// The database stays the truth: NATS killed and restarted, Redis flushed, then killed and
+/// restarted, while one user sends to another on a second node. Sends never stop working.
+/// After each step the sender pauses and everything sent so far must reach the recipient,
+/// exactly once and in order, by the mechanism meant for that failure (there is no periodic
+/// re-check to help: it is an hour): the re-read after the bus reconnects, the renewal that
+/// writes lost directory entries again, the broadcast used while Redis is away. The services
+/// are this test's own, so that stopping them disturbs no other test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_and_redis_failing_delay_delivery_but_lose_nothing() {
+    let mut redis = Service::start(ServiceKind::Redis);
+    let mut nats = Service::start(ServiceKind::Nats);
+    let Some(env) = ClusterEnv::private("cluster", &redis, &nats) else {
+        return;
+    };
+    let redis_url = env.redis.clone();
+    let cluster = TestCluster::start_on(env, 2, |c| {
+        c.cluster.recheck_secs = 3600;
+        c.cluster.directory_ttl_secs = 3;
+    })
+    .await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (_, _, ta) = a.http().account("alice").await;
+    let (bob, b1, tb) = a.http().account("bob").await;
+    let (mut alice_ws, _, _) = Raw::connect(a.addr, &ta).await;
+    let (bob_ws, _, _) = Raw::connect(b.addr, &tb).await;
+
+    // Bob's messages, as they come (no frame for a while is no failure here).
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        use prost::Message as _;
+        let mut ws = bob_ws.ws;
+        while let Some(Ok(msg)) = ws.next().await {
+            let tokio_tungstenite::tungstenite::Message::Binary(bytes) = msg else {
+                continue;
+            };
+            let frame = ServerFrame::decode(&bytes[..]).expect("decodes");
+            if let Some(server_frame::Kind::Event(e)) = frame.kind
+                && got_tx.send(message(&e).seq).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut sent_seqs = Vec::new();
+    let mut received = Vec::new();
+    let mut send = async |n: usize, sent_seqs: &mut Vec<u64>| {
+        for _ in 0..n {
+            let i = sent_seqs.len();
+            let rid = alice_ws
+                .send_text_msg(bob, &format!("m{i}"), b"through it all", &[b1])
+                .await;
+            sent_seqs.push(sent(&mut alice_ws, rid).await);
+        }
+    };
+    // Everything sent so far reaches bob within 15 s, in order, once.
+    async fn caught_up(
+        got: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
+        received: &mut Vec<u64>,
+        sent: &[u64],
+        step: &str,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while received.len() < sent.len() {
+            match tokio::time::timeout_at(deadline, got.recv()).await {
+                Ok(Some(seq)) => received.push(seq),
+                _ => panic!("{step}: bob has {} of {}", received.len(), sent.len()),
+            }
+        }
+        assert_eq!(received, sent, "{step}: exactly once, in order");
+    }
+    let ready = |srv: &TestServer| {
+        let http = srv.http();
+        async move { http.get_text("/readyz").await.0 }
+    };
+
+    send(20, &mut sent_seqs).await;
+    caught_up(&mut got, &mut received, &sent_seqs, "before any failure").await;
+
+    nats.kill();
+    wait_for(|| ready(b), 503).await;
+    send(20, &mut sent_seqs).await;
+    nats.restart();
+    wait_for(|| ready(b), 200).await;
+    caught_up(&mut got, &mut received, &sent_seqs, "NATS restarted").await;
+
+    let url = redis_url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url)?.get_connection()?;
+        redis::cmd("FLUSHALL").query::<()>(&mut conn)
+    })
+    .await
+    .expect("join")
+    .expect("FLUSHALL");
+    send(20, &mut sent_seqs).await;
+    caught_up(&mut got, &mut received, &sent_seqs, "Redis flushed").await;
+
+    redis.kill();
+    wait_for(|| ready(b), 503).await;
+    send(20, &mut sent_seqs).await;
+    caught_up(&mut got, &mut received, &sent_seqs, "Redis down").await;
+
+    redis.restart();
+    wait_for(|| ready(b), 200).await;
+    send(20, &mut sent_seqs).await;
+    caught_up(&mut got, &mut received, &sent_seqs, "Redis restarted").await;
+    reader.abort();
+}
+
+/// Polls `probe` until it answers `want` (within 15 s).
+async fn wait_for<F, Fut>(probe: F, want: u16)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u16>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = probe().await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

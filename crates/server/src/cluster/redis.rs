@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use tern_store::{DeviceId, UserId};
 
-use crate::delivery::directory::{Directory, DirectoryError, Elsewhere, Held, Holder};
+use crate::delivery::directory::{Directory, DirectoryError, Elsewhere, Held, Holder, Renewal};
 
 /// Most commands in one pipeline of a renewal or a look-up.
 const PIPELINE: usize = 1024;
@@ -53,19 +53,20 @@ end
 return 1
 ";
 
-/// KEYS: device, online set. ARGV: holder, ttl ms, device id. 1: renewed (or written again
-/// after Redis lost it); 0: another connection holds the device now.
+/// KEYS: device, online set. ARGV: holder, ttl ms, device id. 1: renewed; 2: written again
+/// (Redis had lost it); 0: another connection holds the device now.
 const RENEW: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then
   return 0
 end
+local renewed = cur and 1 or 2
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
+return renewed
 ";
 
 /// KEYS: online set, seen. Returns {devices online, seen or false}.
@@ -182,8 +183,8 @@ impl Directory for RedisDirectory {
         Ok(())
     }
 
-    async fn refresh(&self, held: &[Held]) -> Result<Vec<Held>, DirectoryError> {
-        let mut lost = Vec::new();
+    async fn refresh(&self, held: &[Held]) -> Result<Renewal, DirectoryError> {
+        let mut renewal = Renewal::default();
         for chunk in held.chunks(PIPELINE) {
             let mut pipe = redis::pipe();
             // Loading is idempotent; after a Redis restart the script cache is empty.
@@ -202,15 +203,15 @@ impl Directory for RedisDirectory {
                 .query_async(&mut self.conn.clone())
                 .await
                 .map_err(failed)?;
-            lost.extend(
-                chunk
-                    .iter()
-                    .zip(renewed)
-                    .filter(|(_, r)| *r == 0)
-                    .map(|(h, _)| *h),
-            );
+            for (h, r) in chunk.iter().zip(renewed) {
+                match r {
+                    0 => renewal.lost.push(*h),
+                    2 => renewal.restored.push(*h),
+                    _ => {}
+                }
+            }
         }
-        Ok(lost)
+        Ok(renewal)
     }
 
     async fn locate(

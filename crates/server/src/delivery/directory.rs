@@ -28,6 +28,16 @@ pub struct Held {
     pub conn: u64,
 }
 
+/// What a renewal found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// Connections another node holds now: to be closed here.
+    pub lost: Vec<Held>,
+    /// Connections whose entries the directory had lost (flushed, restarted) and that are
+    /// written again: wake-ups for them may have gone nowhere meanwhile.
+    pub restored: Vec<Held>,
+}
+
 /// What the directory knows of a user beyond this node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Elsewhere {
@@ -54,8 +64,8 @@ pub trait Directory: Send + Sync + 'static {
     async fn release(&self, held: Held, at_ms: i64) -> Result<(), DirectoryError>;
 
     /// Renews the entries of every connection this node holds (they expire otherwise, so that
-    /// a crashed node's entries go by themselves); returns those another node holds now.
-    async fn refresh(&self, held: &[Held]) -> Result<Vec<Held>, DirectoryError>;
+    /// a crashed node's entries go by themselves), writing again those the directory lost.
+    async fn refresh(&self, held: &[Held]) -> Result<Renewal, DirectoryError>;
 
     /// The holders of `(user, device)` pairs, in order; `None` for devices not connected.
     async fn locate(
@@ -84,8 +94,8 @@ impl Directory for SingleNode {
         Ok(())
     }
 
-    async fn refresh(&self, _: &[Held]) -> Result<Vec<Held>, DirectoryError> {
-        Ok(Vec::new())
+    async fn refresh(&self, _: &[Held]) -> Result<Renewal, DirectoryError> {
+        Ok(Renewal::default())
     }
 
     async fn locate(

@@ -306,7 +306,8 @@ impl Hub {
     }
 
     /// Renews this node's directory entries (closing connections another node took over
-    /// meanwhile) and has every connection re-read its mailbox now and then.
+    /// meanwhile, and having those whose entries the directory lost re-read their mailboxes)
+    /// and has every connection re-read its mailbox now and then.
     async fn upkeep(self: Arc<Self>, timings: ClusterTimings) {
         let mut renew = tokio::time::interval(timings.entry_ttl / 3);
         let mut recheck = tokio::time::interval(timings.recheck);
@@ -318,9 +319,15 @@ impl Hub {
                 _ = renew.tick() => {
                     let held = self.connections.held();
                     match self.directory.refresh(&held).await {
-                        Ok(lost) => {
-                            for h in lost {
+                        Ok(renewal) => {
+                            for h in renewal.lost {
                                 self.connections.close(h.device, Some(h.conn), CloseReason::Replaced);
+                            }
+                            if !renewal.restored.is_empty() {
+                                metrics::counter!("tern_bus_rechecks_total", "why" => "directory").increment(1);
+                            }
+                            for h in renewal.restored {
+                                self.connections.wake(h.device, u64::MAX);
                             }
                         }
                         Err(e) => directory_failed("refresh", &e),

@@ -776,7 +776,8 @@ pub struct ClusterEnv {
 }
 
 impl ClusterEnv {
-    /// `None`, after saying so on stderr, when a service of cluster mode is not configured.
+    /// The machine's Redis and NATS; `None`, after saying so on stderr, when a service of
+    /// cluster mode is not configured.
     pub fn from_env(test: &str) -> Option<ClusterEnv> {
         let var = |name: &str| std::env::var(name).ok().filter(|s| !s.trim().is_empty());
         match (
@@ -784,17 +785,27 @@ impl ClusterEnv {
             var("TERN_TEST_REDIS"),
             var("TERN_TEST_NATS"),
         ) {
-            (Some(_), Some(redis), Some(nats)) => Some(ClusterEnv {
-                redis,
-                nats,
-                prefix: format!("t{:016x}", rand::random::<u64>()),
-            }),
+            (Some(_), Some(redis), Some(nats)) => Some(ClusterEnv::on(redis, nats)),
             _ => {
                 eprintln!(
                     "skipped {test}: cluster tests need TERN_TEST_POSTGRES, TERN_TEST_REDIS and TERN_TEST_NATS (.ci/run sets them)"
                 );
                 None
             }
+        }
+    }
+
+    /// A test's own Redis and NATS (see [`Service`]), under the same condition as `from_env`.
+    pub fn private(test: &str, redis: &Service, nats: &Service) -> Option<ClusterEnv> {
+        ClusterEnv::from_env(test)?;
+        Some(ClusterEnv::on(redis.url(), nats.url()))
+    }
+
+    fn on(redis: String, nats: String) -> ClusterEnv {
+        ClusterEnv {
+            redis,
+            nats,
+            prefix: format!("t{:016x}", rand::random::<u64>()),
         }
     }
 
@@ -837,7 +848,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// `n` nodes named `a`, `b`, …; `None` (skipped) without the services.
     pub async fn start(test: &str, n: usize, tweak: impl Fn(&mut Config)) -> Option<TestCluster> {
-        let env = ClusterEnv::from_env(test)?;
+        Some(TestCluster::start_on(ClusterEnv::from_env(test)?, n, tweak).await)
+    }
+
+    /// `n` nodes on `env`'s Redis and NATS.
+    pub async fn start_on(env: ClusterEnv, n: usize, tweak: impl Fn(&mut Config)) -> TestCluster {
         let mut nodes: Vec<TestServer> = Vec::new();
         for i in 0..n {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -853,6 +868,95 @@ impl TestCluster {
             .await;
             nodes.push(server);
         }
-        Some(TestCluster { nodes, env })
+        TestCluster { nodes, env }
+    }
+}
+
+/// A Redis or NATS server of a test's own on a free loopback port, for tests that stop and
+/// start it (the machine's own is shared by every test). Killed when dropped.
+pub struct Service {
+    kind: ServiceKind,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+#[derive(Clone, Copy)]
+pub enum ServiceKind {
+    Redis,
+    Nats,
+}
+
+impl Service {
+    pub fn start(kind: ServiceKind) -> Service {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut s = Service {
+            kind,
+            port,
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        match self.kind {
+            ServiceKind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            ServiceKind::Nats => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it (again, on the same port) and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port.to_string();
+        let mut cmd = match self.kind {
+            ServiceKind::Redis => {
+                let mut c = Command::new("redis-server");
+                c.args(["--bind", "127.0.0.1", "--port", &port, "--save", ""])
+                    .args(["--appendonly", "no"]);
+                c
+            }
+            ServiceKind::Nats => {
+                // Debian puts it in /usr/sbin.
+                let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+                    .into_iter()
+                    .find(|p| Path::new(p).exists())
+                    .unwrap_or("nats-server");
+                let mut c = Command::new(bin);
+                c.args(["-a", "127.0.0.1", "-p", &port]);
+                c
+            }
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server / nats-server installed (.ci/run needs them)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
