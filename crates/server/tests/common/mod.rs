@@ -960,3 +960,140 @@ impl Drop for Service {
         self.kill();
     }
 }
+
+/// nginx (Debian's package; `.ci/run` installs it) in front of `ternd` nodes on a free
+/// loopback port: WebSocket proxying, round robin, no stickiness, a node that refuses
+/// connections skipped for the next. Stopped when dropped.
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// The binary, if installed.
+    pub fn binary() -> Option<&'static str> {
+        ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+    }
+
+    pub fn start(upstreams: &[SocketAddr]) -> Nginx {
+        let bin = Nginx::binary().expect("nginx installed (.ci/run installs it)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let servers: String = upstreams
+            .iter()
+            .map(|a| format!("        server {a} max_fails=1 fail_timeout=30s;\n"))
+            .collect();
+        let conf = include_str!("../../../../deploy/cluster/nginx.conf.in")
+            .replace("@DIR@", &dir.path().display().to_string())
+            .replace("@PORT@", &port.to_string())
+            .replace("@SERVERS@", &servers);
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).expect("nginx.conf");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGKILL takes the master only; its worker sees the master gone and exits, but
+        // a graceful stop (SIGQUIT) is cleaner.
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ternd` processes of one cluster (one PostgreSQL schema, a key and subject prefix of their
+/// own) behind nginx.
+pub struct ProcessCluster {
+    pub nginx: Nginx,
+    pub nodes: Vec<Option<Ternd>>,
+    _dirs: Vec<DataDir>,
+    pub env: ClusterEnv,
+}
+
+impl ProcessCluster {
+    /// `n` nodes; `None` (skipped, saying so) without PostgreSQL, Redis and NATS.
+    pub fn start(test: &str, n: usize, settings: &[&str]) -> Option<ProcessCluster> {
+        let env = ClusterEnv::from_env(test)?;
+        let first = DataDir::new();
+        let schema = first.pg.as_ref().expect("a PostgreSQL schema").name.clone();
+        let mut dirs = vec![first];
+        for _ in 1..n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join(SCHEMA_FILE), &schema).expect("schema file");
+            dirs.push(DataDir::from(dir));
+        }
+        let mut nodes = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            let mut all: Vec<String> = LIFTED.iter().map(|s| s.to_string()).collect();
+            all.extend([
+                "cluster.enabled=true".to_owned(),
+                format!("cluster.node_id=\"n{i}\""),
+                format!("cluster.redis_url=\"{}\"", env.redis),
+                format!("cluster.nats_url=\"{}\"", env.nats),
+                format!("cluster.prefix=\"{}\"", env.prefix),
+            ]);
+            all.extend(settings.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            nodes.push(Some(spawn_ternd_with(dir.path(), "info", None, &refs)));
+        }
+        let addrs: Vec<SocketAddr> = nodes.iter().flatten().map(|t| t.addr).collect();
+        let nginx = Nginx::start(&addrs);
+        Some(ProcessCluster {
+            nginx,
+            nodes,
+            _dirs: dirs,
+            env,
+        })
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut t) = self.nodes[i].take() {
+            t.child.kill().expect("SIGKILL");
+            t.child.wait().expect("reaped");
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Failover: three `ternd` processes on one PostgreSQL schema, the machine's Redis and NATS,
+//! behind nginx (round robin, no stickiness); clients know only nginx's address. One node is
+//! killed with SIGKILL while clients exchange 1:1 and group messages; its clients reconnect
+//! through nginx to the others. Every acknowledged message must reach every recipient device
+//! once (one seq, one client message id), in order, and sends keep working throughout.
+//! Needs `TERN_TEST_POSTGRES`, `TERN_TEST_REDIS`, `TERN_TEST_NATS` and nginx (`.ci/run` has
+//! them); skipped, saying so, without them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::sdk::{online, register};
+use common::*;
+
+/// Connections a node holds now, from its `/metrics`.
+async fn connections(addr: std::net::SocketAddr) -> u64 {
+    let (_, text) = http_for(addr).get_text("/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("tern_connections "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// What one device shows of a conversation: (seq, client message id, text) of the messages
+/// from others, in seq order.
+fn incoming(msgs: &[tern_client::StoredMessage]) -> Vec<(u64, String, String)> {
+    msgs.iter()
+        .filter(|m| !m.outgoing && !m.is_system())
+        .map(|m| {
+            (
+                m.seq.expect("stored"),
+                m.client_msg_id.clone(),
+                m.text.clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_nothing_and_its_clients_move_on() {
+    if Nginx::binary().is_none() && ClusterEnv::from_env("failover").is_some() {
+        panic!("nginx is not installed: .ci/run installs it");
+    }
+    let Some(mut cluster) = ProcessCluster::start("failover", 3, &["cluster.recheck_secs=5"])
+    else {
+        return;
+    };
+    let url = cluster.nginx.url();
+    const USERS: usize = 6;
+    const PER_USER: usize = 60;
+    let names: Vec<String> = (0..USERS).map(|i| format!("user{i}")).collect();
+    let mut devices = Vec::new();
+    for name in &names {
+        devices.push(Arc::new(register(&url, name).await));
+    }
+    for d in &devices {
+        online(d).await;
+    }
+    let others: Vec<&str> = names[1..].iter().map(String::as_str).collect();
+    let group = devices[0]
+        .client
+        .create_group("everyone", &others, false)
+        .await
+        .expect("group")
+        .group_id;
+    let mut before = Vec::new();
+    for node in cluster.nodes.iter().flatten() {
+        before.push(connections(node.addr).await);
+    }
+    assert_eq!(before.iter().sum::<u64>(), USERS as u64, "{before:?}");
+
+    // Each user sends to the next one and, every third message, to the group; a send returns
+    // at its Sent, retried by the SDK across reconnects.
+    let acked: Arc<Mutex<Vec<(usize, bool, String)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        let (d, acked, next) = (d.clone(), acked.clone(), names[(i + 1) % USERS].clone());
+        tasks.push(tokio::spawn(async move {
+            for k in 0..PER_USER {
+                let to_group = k % 3 == 0;
+                let text = format!("u{i}-{k}");
+                let send = async {
+                    if to_group {
+                        d.client.send_group_text(group, &text).await
+                    } else {
+                        d.client.send_text(&next, &text).await
+                    }
+                };
+                let sent = tokio::time::timeout(Duration::from_secs(60), send)
+                    .await
+                    .unwrap_or_else(|_| panic!("u{i}: {text} not sent within 60 s"))
+                    .unwrap_or_else(|e| panic!("u{i}: {text}: {e}"));
+                acked
+                    .lock()
+                    .expect("lock")
+                    .push((i, to_group, sent.client_msg_id));
+            }
+        }));
+    }
+    // Under load, kill the node holding the most clients.
+    let started = Instant::now();
+    while acked.lock().expect("lock").len() < USERS * PER_USER / 4 {
+        assert!(started.elapsed() < Duration::from_secs(60), "traffic flows");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim = (0..before.len())
+        .max_by_key(|&i| before[i])
+        .expect("a node");
+    cluster.kill(victim);
+    let killed_at = acked.lock().expect("lock").len();
+    eprintln!(
+        "killed node {victim} holding {} of {USERS} clients ({before:?}) after {killed_at} acknowledged sends",
+        before[victim]
+    );
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("senders finish")
+            .expect("every send acknowledged");
+    }
+    assert!(
+        killed_at < USERS * PER_USER,
+        "the node died while messages were still being sent"
+    );
+    let mut after = 0;
+    for node in cluster.nodes.iter().flatten() {
+        after += connections(node.addr).await;
+    }
+    assert_eq!(
+        after, USERS as u64,
+        "every client reconnected to a survivor"
+    );
+
+    // What each sender had acknowledged, by conversation.
+    let acked = acked.lock().expect("lock").clone();
+    let mut direct: HashMap<usize, Vec<String>> = HashMap::new();
+    let mut grouped: HashMap<usize, Vec<String>> = HashMap::new();
+    for (i, to_group, id) in acked {
+        let into = if to_group { &mut grouped } else { &mut direct };
+        into.entry(i).or_default().push(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (j, d) in devices.iter().enumerate() {
+        let from = (j + USERS - 1) % USERS;
+        loop {
+            let dm = incoming(&d.client.history(&names[from], 1000).expect("history"));
+            let gm = incoming(&d.client.group_history(group, 1000).expect("history"));
+            let want_dm = &direct[&from];
+            let want_gm: usize = (0..USERS)
+                .filter(|&i| i != j)
+                .map(|i| grouped[&i].len())
+                .sum();
+            if dm.len() < want_dm.len() || gm.len() < want_gm {
+                assert!(
+                    Instant::now() < deadline,
+                    "u{j}: {} of {} direct, {} of {want_gm} group messages",
+                    dm.len(),
+                    want_dm.len(),
+                    gm.len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            // Direct: exactly the acknowledged ones, once each, in the order sent.
+            let ids: Vec<&String> = dm.iter().map(|m| &m.1).collect();
+            assert_eq!(ids, want_dm.iter().collect::<Vec<_>>(), "u{j} from u{from}");
+            // Seqs only grow (the SDK's key-sharing messages take some seqs of the
+            // conversation too, so they need not be consecutive here).
+            assert!(dm.windows(2).all(|w| w[0].0 < w[1].0), "u{j}: in seq order");
+            // Group: every sender's messages once, each sender's in its order.
+            assert!(
+                gm.windows(2).all(|w| w[0].0 < w[1].0),
+                "u{j}: group seq order"
+            );
+            assert_eq!(gm.len(), want_gm, "u{j}: group messages once each");
+            for i in (0..USERS).filter(|&i| i != j) {
+                let theirs: Vec<&String> = gm
+                    .iter()
+                    .filter(|m| m.2.starts_with(&format!("u{i}-")))
+                    .map(|m| &m.1)
+                    .collect();
+                assert_eq!(theirs, grouped[&i].iter().collect::<Vec<_>>(), "u{j}: u{i}");
+            }
+            break;
+        }
+    }
+}
