@@ -20,7 +20,7 @@ use crate::config::{BlobBackend, Config, StorageBackend};
 use crate::delivery::Hub;
 use crate::media::{BlobStore, FsBlobs, Media};
 use crate::net::ConnLimiter;
-use crate::ratelimit::RateLimits;
+use crate::ratelimit::{RateLimiter, RateLimits};
 use crate::services::groups::Groups;
 use crate::services::messaging::Messaging;
 use crate::services::presence::Presence;
@@ -39,7 +39,7 @@ pub struct AppState {
     pub media: Arc<Media>,
     /// The bounded pool every password hash and verification runs on.
     pub passwords: Arc<PasswordHasher>,
-    pub rate_limits: Arc<RateLimits>,
+    pub rate_limits: Arc<dyn RateLimiter>,
     /// Open connections, in all and per address.
     pub connection_limits: Arc<ConnLimiter>,
     pub metrics: PrometheusHandle,
@@ -47,6 +47,16 @@ pub struct AppState {
     pub decoy_hash: Arc<str>,
     /// Every WebSocket connection task, so that shutdown can wait for them.
     pub connections: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// What differs between a node alone and one of a cluster, and what tests may replace.
+pub struct Parts {
+    pub hub: Arc<Hub>,
+    pub rate_limits: Arc<dyn RateLimiter>,
+    pub clock: Arc<dyn Clock>,
+    pub blobs: Arc<dyn BlobStore>,
+    /// Stops everything, the hub's tasks included.
     pub shutdown: CancellationToken,
 }
 
@@ -89,27 +99,45 @@ impl AppState {
             }
         };
         let shutdown = CancellationToken::new();
-        let hub = if config.cluster.enabled {
+        let (hub, rate_limits): (Arc<Hub>, Arc<dyn RateLimiter>) = if config.cluster.enabled {
             let node = crate::cluster::node_id(&config.cluster);
-            crate::cluster::join(&config.cluster, node, shutdown.clone()).await?
+            let joined =
+                crate::cluster::join(&config.cluster, &config.rate_limits, node, shutdown.clone())
+                    .await?;
+            (joined.hub, joined.rate_limits)
         } else {
-            Arc::new(Hub::single_node())
+            (
+                Arc::new(Hub::single_node()),
+                Arc::new(RateLimits::new(&config.rate_limits)),
+            )
         };
-        AppState::with_parts(config, store, hub, Arc::new(SystemClock), blobs, shutdown)
+        AppState::with_parts(
+            config,
+            store,
+            Parts {
+                hub,
+                rate_limits,
+                clock: Arc::new(SystemClock),
+                blobs,
+                shutdown,
+            },
+        )
     }
 
-    /// Builds the state from given parts (another store, hub or clock); `shutdown` stops
-    /// everything, the hub's tasks included.
+    /// Builds the state from given parts (another store, hub, rate limits or clock).
     pub fn with_parts(
         config: Config,
         store: Arc<dyn Store>,
-        hub: Arc<Hub>,
-        clock: Arc<dyn Clock>,
-        blobs: Arc<dyn BlobStore>,
-        shutdown: CancellationToken,
+        parts: Parts,
     ) -> anyhow::Result<AppState> {
         config.validate()?;
-        let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
+        let Parts {
+            hub,
+            rate_limits,
+            clock,
+            blobs,
+            shutdown,
+        } = parts;
         let messaging = Arc::new(Messaging::new(
             store.clone(),
             hub.clone(),

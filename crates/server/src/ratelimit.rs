@@ -21,15 +21,16 @@ use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
 use tern_store::DeviceId;
 
 use crate::config::RateLimits as Config;
 use crate::net::address_key;
 
 /// How long a successful login makes an address known for that user.
-const TRUSTED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const TRUSTED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most (username, address) pairs remembered as known; the oldest half goes when full.
 const TRUSTED_MAX: usize = 100_000;
 
@@ -37,7 +38,7 @@ struct Keyed<K: Hash + Eq + Clone>(Option<DefaultKeyedRateLimiter<K>>);
 
 impl<K: Hash + Eq + Clone> Keyed<K> {
     fn new(quota: Option<Quota>) -> Self {
-        Keyed(quota.map(RateLimiter::keyed))
+        Keyed(quota.map(Governor::keyed))
     }
 
     /// `Err(wait)` when the key has no token left.
@@ -61,6 +62,23 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 fn quota(n: u32, per: Duration) -> Option<Quota> {
     let n = NonZeroU32::new(n)?;
     Quota::with_period(per / n.get()).map(|q| q.allow_burst(n))
+}
+
+/// The rate limits as services use them: [`RateLimits`] on one node, or shared by every node
+/// through Redis ([`crate::cluster::ratelimit`]). A refusal carries how long to wait.
+#[async_trait]
+pub trait RateLimiter: Send + Sync + 'static {
+    /// A sign-up from `ip`.
+    async fn registration(&self, ip: IpAddr) -> Result<(), Duration>;
+    /// A login attempt for `username` from `ip` (module docs).
+    async fn login(&self, username: &str, ip: IpAddr) -> Result<(), Duration>;
+    /// `ip` logged in to `username`: it no longer draws on the username's shared budget.
+    async fn login_succeeded(&self, username: &str, ip: IpAddr);
+    /// Of `n` messages `device` sends now, how many it may (the first ones), and when fewer
+    /// than `n`, how long until the next.
+    async fn sends(&self, device: DeviceId, n: usize) -> (usize, Option<Duration>);
+    /// Forgets idle state kept in this process (every minute).
+    fn housekeeping(&self);
 }
 
 /// What was refused, for the error message and the metric.
@@ -101,12 +119,7 @@ impl RateLimits {
 
     fn refused(what: Limited, r: Result<(), Duration>) -> Result<(), Duration> {
         if r.is_err() {
-            let name = match what {
-                Limited::Registration => "registration",
-                Limited::Login => "login",
-                Limited::Send => "send",
-            };
-            metrics::counter!("tern_rate_limited_total", "what" => name).increment(1);
+            counted(what);
         }
         r
     }
@@ -164,7 +177,7 @@ impl RateLimits {
     }
 
     /// Forgets keys whose buckets are full again, and expired known addresses.
-    pub fn housekeeping(&self) {
+    pub fn forget_idle(&self) {
         self.registrations.forget_idle();
         self.login_address.forget_idle();
         self.login_pair.forget_idle();
@@ -177,46 +190,86 @@ impl RateLimits {
     }
 }
 
+/// Counts a refusal (`tern_rate_limited_total{what}`).
+pub fn counted(what: Limited) {
+    let name = match what {
+        Limited::Registration => "registration",
+        Limited::Login => "login",
+        Limited::Send => "send",
+    };
+    metrics::counter!("tern_rate_limited_total", "what" => name).increment(1);
+}
+
+#[async_trait]
+impl RateLimiter for RateLimits {
+    async fn registration(&self, ip: IpAddr) -> Result<(), Duration> {
+        RateLimits::registration(self, ip)
+    }
+
+    async fn login(&self, username: &str, ip: IpAddr) -> Result<(), Duration> {
+        RateLimits::login(self, username, ip)
+    }
+
+    async fn login_succeeded(&self, username: &str, ip: IpAddr) {
+        RateLimits::login_succeeded(self, username, ip)
+    }
+
+    async fn sends(&self, device: DeviceId, n: usize) -> (usize, Option<Duration>) {
+        for i in 0..n {
+            if let Err(wait) = self.send(device) {
+                return (i, Some(wait));
+            }
+        }
+        (n, None)
+    }
+
+    fn housekeeping(&self) {
+        self.forget_idle();
+    }
+}
+
+/// The behaviour every [`RateLimiter`] must show, run on [`RateLimits`] here and on the Redis
+/// limits in `cluster::ratelimit`, with the quotas of [`scenarios::config`].
 #[cfg(test)]
-mod tests {
+pub(crate) mod scenarios {
     use super::*;
 
-    fn limits() -> RateLimits {
-        RateLimits::new(&Config {
+    pub fn config() -> Config {
+        Config {
             registrations_per_hour_per_address: 2,
             logins_per_minute_per_address: 6,
             logins_per_minute_per_user_and_address: 3,
             logins_per_hour_per_user: 4,
             sends_per_second: 1,
             send_burst: 3,
-        })
+        }
     }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
 
-    #[test]
-    fn registrations_per_address_and_per_64() {
-        let l = limits();
-        assert!(l.registration(ip("10.0.0.1")).is_ok());
-        assert!(l.registration(ip("10.0.0.1")).is_ok());
+    pub async fn registrations_per_address_and_per_64(l: &dyn RateLimiter) {
+        assert!(l.registration(ip("10.0.0.1")).await.is_ok());
+        assert!(l.registration(ip("10.0.0.1")).await.is_ok());
         let wait = l
             .registration(ip("10.0.0.1"))
+            .await
             .expect_err("third in an hour");
         assert!(wait > Duration::from_secs(60), "{wait:?}");
-        assert!(l.registration(ip("10.0.0.2")).is_ok(), "another address");
-        assert!(l.registration(ip("2001:db8::1")).is_ok());
-        assert!(l.registration(ip("2001:db8::2")).is_ok());
-        assert!(l.registration(ip("2001:db8::3")).is_err(), "same /64");
+        assert!(
+            l.registration(ip("10.0.0.2")).await.is_ok(),
+            "another address"
+        );
+        assert!(l.registration(ip("2001:db8::1")).await.is_ok());
+        assert!(l.registration(ip("2001:db8::2")).await.is_ok());
+        assert!(l.registration(ip("2001:db8::3")).await.is_err(), "same /64");
     }
 
-    #[test]
-    fn failing_on_purpose_does_not_lock_the_user_out() {
-        let l = limits();
+    pub async fn failing_on_purpose_does_not_lock_the_user_out(l: &dyn RateLimiter) {
         // The user logs in from home once.
-        assert!(l.login("alice", ip("10.0.0.1")).is_ok());
-        l.login_succeeded("alice", ip("10.0.0.1"));
+        assert!(l.login("alice", ip("10.0.0.1")).await.is_ok());
+        l.login_succeeded("alice", ip("10.0.0.1")).await;
         // An attacker tries from many addresses: each pair would get 3, but together they
         // share the username's budget of 4, of which home's first login (not yet known then)
         // spent one.
@@ -224,42 +277,77 @@ mod tests {
         for i in 0..20 {
             let a = ip(&format!("192.0.2.{i}"));
             for _ in 0..3 {
-                if l.login("alice", a).is_err() {
+                if l.login("alice", a).await.is_err() {
                     refused += 1;
                 }
             }
         }
         assert_eq!(refused, 60 - 3, "only the shared budget got through");
         // Home still gets in, until its own pair budget is spent.
-        assert!(l.login("alice", ip("10.0.0.1")).is_ok());
-        assert!(l.login("alice", ip("10.0.0.1")).is_ok());
+        assert!(l.login("alice", ip("10.0.0.1")).await.is_ok());
+        assert!(l.login("alice", ip("10.0.0.1")).await.is_ok());
         assert!(
-            l.login("alice", ip("10.0.0.1")).is_err(),
+            l.login("alice", ip("10.0.0.1")).await.is_err(),
             "3 a minute per pair"
         );
         // Another user is not affected by alice's attack from the same addresses.
-        assert!(l.login("bob", ip("192.0.2.1")).is_ok());
+        assert!(l.login("bob", ip("192.0.2.1")).await.is_ok());
     }
 
-    #[test]
-    fn one_address_cannot_spray_usernames() {
-        let l = limits();
+    pub async fn one_address_cannot_spray_usernames(l: &dyn RateLimiter) {
         let a = ip("198.51.100.9");
-        let ok = (0..20)
-            .filter(|i| l.login(&format!("user{i}"), a).is_ok())
-            .count();
+        let mut ok = 0;
+        for i in 0..20 {
+            if l.login(&format!("user{i}"), a).await.is_ok() {
+                ok += 1;
+            }
+        }
         assert_eq!(ok, 6);
     }
 
+    pub async fn sends_have_a_burst_then_a_rate(l: &dyn RateLimiter) {
+        assert_eq!(l.sends(7, 2).await, (2, None));
+        let (allowed, wait) = l.sends(7, 5).await;
+        assert_eq!(allowed, 1, "the burst of 3 is spent");
+        let wait = wait.expect("a wait");
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        assert_eq!(l.sends(7, 1).await.0, 0);
+        assert_eq!(l.sends(8, 1).await, (1, None), "per device");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[tokio::test]
+    async fn registrations_per_address_and_per_64() {
+        scenarios::registrations_per_address_and_per_64(&RateLimits::new(&scenarios::config()))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn failing_on_purpose_does_not_lock_the_user_out() {
+        let l = RateLimits::new(&scenarios::config());
+        scenarios::failing_on_purpose_does_not_lock_the_user_out(&l).await;
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_spray_usernames() {
+        scenarios::one_address_cannot_spray_usernames(&RateLimits::new(&scenarios::config())).await;
+    }
+
+    #[tokio::test]
+    async fn sends_have_a_burst_then_a_rate() {
+        scenarios::sends_have_a_burst_then_a_rate(&RateLimits::new(&scenarios::config())).await;
+    }
+
     #[test]
-    fn sends_have_a_burst_then_a_rate() {
-        let l = limits();
-        for _ in 0..3 {
-            assert!(l.send(7).is_ok());
-        }
-        let wait = l.send(7).expect_err("burst spent");
-        assert!(wait <= Duration::from_secs(1));
-        assert!(l.send(8).is_ok(), "per device");
+    fn limits_of_zero_are_off() {
         let off = RateLimits::new(&Config {
             sends_per_second: 0,
             registrations_per_hour_per_address: 0,

@@ -359,3 +359,32 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn rate_limits_are_shared_by_the_nodes() {
+    let Some(cluster) = TestCluster::start("cluster", 2, |c| {
+        c.rate_limits.registrations_per_hour_per_address = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let (a, b) = (cluster.nodes[0].http(), cluster.nodes[1].http());
+    let register = |http: &Http, name: &str| {
+        let body = serde_json::json!({"username": name, "password": "correct horse"});
+        let http = Http {
+            base: http.base.clone(),
+            client: http.client.clone(),
+        };
+        async move { http.post("/v1/accounts", body, None).await }
+    };
+    assert_eq!(register(&a, "first").await.0, 201);
+    assert_eq!(register(&b, "second").await.0, 201);
+    let (s, v) = register(&a, "third").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "two an hour from one address, whichever node: {v}"
+    );
+    assert_eq!(register(&b, "fourth").await.0, 429);
+}

@@ -91,26 +91,21 @@ fn failed(e: redis::RedisError) -> DirectoryError {
     DirectoryError(e.to_string())
 }
 
+/// Connects (failing if Redis does not answer within `timeout`); the connection is re-made by
+/// itself when lost, calls failing meanwhile. One multiplexed connection serves the directory
+/// and the rate limits of a node.
+pub async fn connect(url: &str, timeout: Duration) -> redis::RedisResult<ConnectionManager> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_max_delay(Duration::from_secs(2));
+    client.get_connection_manager_with_config(config).await
+}
+
 impl RedisDirectory {
-    /// Connects (failing if Redis does not answer within `timeout`); the connection is
-    /// re-made by itself when lost, calls failing meanwhile.
-    pub async fn connect(
-        url: &str,
-        node: Arc<str>,
-        prefix: &str,
-        ttl: Duration,
-        timeout: Duration,
-    ) -> Result<RedisDirectory, DirectoryError> {
-        let client = redis::Client::open(url).map_err(failed)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(failed)?;
-        Ok(RedisDirectory {
+    pub fn new(conn: ConnectionManager, node: Arc<str>, prefix: &str, ttl: Duration) -> Self {
+        RedisDirectory {
             conn,
             node,
             prefix: prefix.to_owned(),
@@ -119,7 +114,7 @@ impl RedisDirectory {
             release: Script::new(RELEASE),
             renew: Script::new(RENEW),
             presence: Script::new(PRESENCE),
-        })
+        }
     }
 
     fn device_key(&self, user: UserId, device: DeviceId) -> String {

@@ -37,7 +37,7 @@ pub async fn register(
     let username = req.username.trim().to_ascii_lowercase();
     validate::username(&username).map_err(ApiError::bad_request)?;
     validate::password(&req.password, &username).map_err(ApiError::bad_request)?;
-    if let Err(wait) = state.rate_limits.registration(peer.ip()) {
+    if let Err(wait) = state.rate_limits.registration(peer.ip()).await {
         return Err(ApiError::rate_limited(
             "too many accounts created from this address; retry later",
             wait,
@@ -82,7 +82,7 @@ pub async fn login(
             "wrong username or password",
         ));
     }
-    if let Err(wait) = state.rate_limits.login(&username, peer.ip()) {
+    if let Err(wait) = state.rate_limits.login(&username, peer.ip()).await {
         return Err(ApiError::rate_limited(
             "too many login attempts; retry later",
             wait,
@@ -108,7 +108,10 @@ pub async fn login(
             ));
         }
     };
-    state.rate_limits.login_succeeded(&username, peer.ip());
+    state
+        .rate_limits
+        .login_succeeded(&username, peer.ip())
+        .await;
     let token = auth::new_token();
     let device_id = state
         .store

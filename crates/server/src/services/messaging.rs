@@ -13,14 +13,14 @@ use tern_store::{
 
 use crate::delivery::Hub;
 use crate::error::ApiError;
-use crate::ratelimit::RateLimits;
+use crate::ratelimit::RateLimiter;
 use crate::services::Clock;
 
 pub struct Messaging {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     clock: Arc<dyn Clock>,
-    rate_limits: Arc<RateLimits>,
+    rate_limits: Arc<dyn RateLimiter>,
     limits: Limits,
     mailbox: MailboxLimit,
 }
@@ -46,7 +46,7 @@ impl Messaging {
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         clock: Arc<dyn Clock>,
-        rate_limits: Arc<RateLimits>,
+        rate_limits: Arc<dyn RateLimiter>,
         limits: Limits,
         mailbox: MailboxLimit,
     ) -> Self {
@@ -114,17 +114,14 @@ impl Messaging {
         let mut answers: Vec<Option<Result<SendReceipt, ApiError>>> =
             Vec::with_capacity(sends.len());
         let mut posts = Vec::with_capacity(sends.len());
-        let mut throttled: Option<ApiError> = None;
-        for send in sends {
-            if throttled.is_none()
-                && let Err(wait) = self.rate_limits.send(who.device_id)
+        let (allowed, wait) = self.rate_limits.sends(who.device_id, sends.len()).await;
+        let throttled = wait.map(|wait| {
+            ApiError::rate_limited("this device is sending too fast; retry later", wait)
+        });
+        for (i, send) in sends.into_iter().enumerate() {
+            if i >= allowed
+                && let Some(e) = &throttled
             {
-                throttled = Some(ApiError::rate_limited(
-                    "this device is sending too fast; retry later",
-                    wait,
-                ));
-            }
-            if let Some(e) = &throttled {
                 answers.push(Some(Err(e.clone())));
                 continue;
             }
