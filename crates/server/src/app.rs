@@ -21,7 +21,9 @@ use crate::delivery::Hub;
 use crate::media::{BlobStore, FsBlobs, Media};
 use crate::net::ConnLimiter;
 use crate::ratelimit::{RateLimiter, RateLimits};
+use crate::services::accounts::Accounts;
 use crate::services::groups::Groups;
+use crate::services::keys::Keys;
 use crate::services::messaging::Messaging;
 use crate::services::presence::Presence;
 use crate::services::{Clock, SystemClock};
@@ -33,18 +35,16 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub clock: Arc<dyn Clock>,
+    pub accounts: Arc<Accounts>,
+    pub keys: Arc<Keys>,
     pub messaging: Arc<Messaging>,
     pub groups: Arc<Groups>,
     pub presence: Arc<Presence>,
     pub media: Arc<Media>,
-    /// The bounded pool every password hash and verification runs on.
-    pub passwords: Arc<PasswordHasher>,
     pub rate_limits: Arc<dyn RateLimiter>,
     /// Open connections, in all and per address.
     pub connection_limits: Arc<ConnLimiter>,
     pub metrics: PrometheusHandle,
-    /// Verified against when a login names an unknown user (see `auth::decoy_hash`).
-    pub decoy_hash: Arc<str>,
     /// Every WebSocket connection task, so that shutdown can wait for them.
     pub connections: TaskTracker,
     pub shutdown: CancellationToken,
@@ -154,6 +154,16 @@ impl AppState {
         );
         let passwords =
             Arc::new(PasswordHasher::start(&config.password_hashing).map_err(anyhow::Error::msg)?);
+        let accounts = Arc::new(Accounts::new(
+            store.clone(),
+            hub.clone(),
+            clock.clone(),
+            passwords,
+            rate_limits.clone(),
+            decoy_hash,
+            config.limits.clone(),
+        ));
+        let keys = Arc::new(Keys::new(store.clone(), config.limits.clone()));
         let descriptors = crate::net::descriptor_limit();
         let max_connections = crate::net::total_bound(config.connections.max_total, descriptors);
         tracing::info!(
@@ -179,7 +189,8 @@ impl AppState {
             config.data_dir.join("uploads"),
         )?);
         Ok(AppState {
-            passwords,
+            accounts,
+            keys,
             rate_limits,
             connection_limits,
             config: Arc::new(config),
@@ -191,7 +202,6 @@ impl AppState {
             presence,
             media,
             metrics: prometheus(),
-            decoy_hash,
             connections: TaskTracker::new(),
             shutdown,
         })

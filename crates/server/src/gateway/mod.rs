@@ -232,7 +232,7 @@ async fn handshake(
         let _ = send_frame(socket, &e.to_frame(frame.request_id)).await;
         return Err((close::UNSUPPORTED_VERSION, "unsupported protocol version"));
     }
-    let who = match crate::http::extract::authenticate(state, &hello.token).await {
+    let who = match state.accounts.authenticate(&hello.token).await {
         Ok(who) => who,
         Err(e) => {
             let _ = send_frame(socket, &e.to_frame(frame.request_id)).await;

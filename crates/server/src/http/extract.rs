@@ -10,7 +10,6 @@ use tern_proto::ErrorCode;
 use tern_store::DeviceAuth;
 
 use crate::app::AppState;
-use crate::auth::token_hash;
 use crate::error::ApiError;
 
 /// A JSON body whose rejections are [`ApiError`]s (unknown fields, wrong types, too large).
@@ -37,20 +36,6 @@ fn json_error(r: JsonRejection) -> ApiError {
 /// The device whose bearer token authenticated the request.
 pub struct Authed(pub DeviceAuth);
 
-/// Resolves an access token to its device (the token of `Authorization: Bearer <token>` over
-/// HTTP, of `Hello` on the socket).
-pub async fn authenticate(state: &AppState, token: &str) -> Result<DeviceAuth, ApiError> {
-    let token = token.trim();
-    if token.is_empty() || token.len() > 256 {
-        return Err(ApiError::unauthorized());
-    }
-    state
-        .store
-        .device_by_token(&token_hash(token))
-        .await?
-        .ok_or_else(ApiError::unauthorized)
-}
-
 impl FromRequestParts<AppState> for Authed {
     type Rejection = ApiError;
 
@@ -65,6 +50,6 @@ impl FromRequestParts<AppState> for Authed {
         let token = header
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(ApiError::unauthorized)?;
-        authenticate(state, token).await.map(Authed)
+        state.accounts.authenticate(token).await.map(Authed)
     }
 }

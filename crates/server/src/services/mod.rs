@@ -1,7 +1,9 @@
 //! Services: the messenger's behaviour on top of the store (truth) and the delivery hub (fast path).
 //! They take time from a [`Clock`] so that tests and the decision logic need no OS clock.
 
+pub mod accounts;
 pub mod groups;
+pub mod keys;
 pub mod messaging;
 pub mod presence;
 
