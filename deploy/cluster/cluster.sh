@@ -9,8 +9,9 @@
 #
 # Settings (environment): TERN_CLUSTER_POSTGRES (default postgres://root@127.0.0.1:5432/test),
 # TERN_CLUSTER_SCHEMA (tern_cluster), TERN_CLUSTER_REDIS (redis://127.0.0.1:6379),
-# TERN_CLUSTER_NATS (nats://127.0.0.1:4222), TERN_CLUSTER_PORT (7070). Logs, pids and data
-# directories live in target/cluster/.
+# TERN_CLUSTER_NATS (nats://127.0.0.1:4222), TERN_CLUSTER_PORT (7070), and TERN_CLUSTER_SET:
+# more `key=value` settings for every node, separated by spaces (e.g. raised rate limits for
+# tern-bench). Logs, pids and data directories live in target/cluster/.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -36,6 +37,10 @@ settings() {
         --set "cluster.nats_url=\"$nats\"" \
         --set "cluster.prefix=\"$schema\"" \
         --set connections.max_per_address=0
+    local extra
+    for extra in ${TERN_CLUSTER_SET:-}; do
+        printf '%s\n' --set "$extra"
+    done
 }
 
 node_port() { echo $((port + 1 + $1)); }
@@ -139,7 +144,7 @@ case "${1:-}" in
         echo "node n$i killed"
         ;;
     *)
-        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -52,6 +52,10 @@ enum Scenario {
         seconds: u64,
         #[arg(long, default_value_t = 100)]
         pairs: usize,
+        /// Connect the receivers to this other node of the same cluster (http://host:port)
+        /// instead of the server the senders use: latency across nodes.
+        #[arg(long)]
+        receivers_at: Option<String>,
     },
     /// One group, every member online: deliveries per second, time until the last member.
     Fanout {
@@ -100,7 +104,12 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 seconds,
                 pairs,
-            } => scenarios::latency::run(&target, rate, seconds, pairs, body).await?,
+                receivers_at,
+            } => {
+                let receivers = receivers_at.map(|url| target::address_of(&url));
+                scenarios::latency::run(&target, receivers.as_deref(), rate, seconds, pairs, body)
+                    .await?
+            }
             Scenario::Fanout {
                 members,
                 rate,

@@ -42,13 +42,17 @@ pub struct TargetArgs {
     pub postgres: Option<String>,
 }
 
+/// `host:port` of a server URL `http://host:port`.
+pub fn address_of(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
 impl Target {
     pub fn start(args: &TargetArgs) -> anyhow::Result<Target> {
         if let Some(url) = &args.server {
-            let addr = url
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_owned();
+            let addr = address_of(url);
             return Ok(Target {
                 url: url.clone(),
                 addr,

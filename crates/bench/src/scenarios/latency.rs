@@ -2,7 +2,8 @@
 //! second over P pairs) whether or not earlier ones were answered. Latency is reported twice:
 //! from the *intended* send time (corrected for coordinated omission: a stall delays every
 //! message scheduled during it) and from the actual send time. The schedule runs on tokio's
-//! timer (1 ms granularity), which the corrected figure includes.
+//! timer (1 ms granularity), which the corrected figure includes. With `receivers` (another
+//! node of the same cluster), receivers connect there: the latency across nodes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +20,7 @@ use crate::target::Target;
 
 pub async fn run(
     target: &Target,
+    receivers_at: Option<&str>,
     rate: u64,
     seconds: u64,
     pairs: usize,
@@ -46,7 +48,8 @@ pub async fn run(
     let mut receivers = Vec::new();
     for (i, pair) in accounts.chunks(2).enumerate() {
         let (s, r) = (pair[0].clone(), pair[1].clone());
-        let (mut rtx, mut rrx) = client::connect_synced(&target.addr, &r.token).await?;
+        let (mut rtx, mut rrx) =
+            client::connect_synced(receivers_at.unwrap_or(&target.addr), &r.token).await?;
         let (c2, s2, rec2, done2) = (
             corrected.clone(),
             service.clone(),
@@ -143,7 +146,11 @@ pub async fn run(
     let target_n = rate * seconds;
     let held = sent_n as f64 >= 0.99 * target_n as f64;
     let human = format!(
-        "latency: {rate}/s for {seconds} s over {pairs} pairs; sent {sent_n} of {target_n} (rate {}), received {}\n  corrected: {}\n  service:   {}",
+        "latency: {rate}/s for {seconds} s over {pairs} pairs{}; sent {sent_n} of {target_n} (rate {}), received {}\n  corrected: {}\n  service:   {}",
+        match receivers_at {
+            Some(r) => format!(", receivers at {r}"),
+            None => String::new(),
+        },
         if held { "held" } else { "NOT held" },
         received.load(Ordering::Relaxed),
         report::latency_text(&hc),
@@ -151,6 +158,7 @@ pub async fn run(
     );
     let value = json!({
         "scenario": "latency", "rate": rate, "seconds": seconds, "pairs": pairs, "sent": sent_n,
+        "receivers_at": receivers_at,
         "received": received.load(Ordering::Relaxed), "rate_held": held,
         "corrected": report::latency_json(&hc), "service": report::latency_json(&hs),
     });
