@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::PasswordHasher;
 use crate::config::{BlobBackend, Config, StorageBackend};
 use crate::delivery::Hub;
-use crate::media::{BlobStore, FsBlobs, Media};
+use crate::media::{BlobStore, FileStaging, FsBlobs, Media, Staging};
 use crate::net::ConnLimiter;
 use crate::ratelimit::{RateLimiter, RateLimits};
 use crate::services::accounts::Accounts;
@@ -56,6 +56,8 @@ pub struct Parts {
     pub rate_limits: Arc<dyn RateLimiter>,
     pub clock: Arc<dyn Clock>,
     pub blobs: Arc<dyn BlobStore>,
+    /// Where incomplete uploads wait.
+    pub staging: Arc<dyn Staging>,
     /// Stops everything, the hub's tasks included.
     pub shutdown: CancellationToken,
 }
@@ -76,6 +78,34 @@ fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// The configured blob store, and where uploads are staged: the node's disk beside files,
+/// the bucket itself beside S3 (so that any node resumes any upload).
+fn media_parts(
+    config: &Config,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<(Arc<dyn BlobStore>, Arc<dyn Staging>)> {
+    let on_disk = |blobs: Arc<dyn BlobStore>| -> anyhow::Result<_> {
+        let staging = FileStaging::new(config.data_dir.join("uploads"), blobs.clone())?;
+        Ok((blobs, Arc::new(staging) as Arc<dyn Staging>))
+    };
+    match config.media.backend {
+        BlobBackend::Fs => on_disk(Arc::new(FsBlobs::new(config.data_dir.join("media"))?)),
+        #[cfg(feature = "s3")]
+        BlobBackend::S3 => {
+            let s3 = crate::media::s3::ObjectStoreBlobs::s3(&config.media.s3)?;
+            let staging = s3
+                .staging(store.clone())
+                .context("the S3 store has no multipart uploads")?;
+            Ok((Arc::new(s3), Arc::new(staging)))
+        }
+        #[cfg(not(feature = "s3"))]
+        BlobBackend::S3 => {
+            let _ = (store, on_disk);
+            anyhow::bail!("media.backend = \"s3\" needs a ternd built with `--features s3`")
+        }
+    }
+}
+
 impl AppState {
     /// Opens the configured store (SQLite in `config.data_dir`, or PostgreSQL; either is
     /// migrated to the latest schema) and builds the single-node state.
@@ -89,15 +119,7 @@ impl AppState {
             )
         })?;
         let store = open_store(&config).await?;
-        let blobs: Arc<dyn BlobStore> = match config.media.backend {
-            BlobBackend::Fs => Arc::new(FsBlobs::new(config.data_dir.join("media"))?),
-            #[cfg(feature = "s3")]
-            BlobBackend::S3 => Arc::new(crate::media::s3::ObjectStoreBlobs::s3(&config.media.s3)?),
-            #[cfg(not(feature = "s3"))]
-            BlobBackend::S3 => {
-                anyhow::bail!("media.backend = \"s3\" needs a ternd built with `--features s3`")
-            }
-        };
+        let (blobs, staging) = media_parts(&config, &store)?;
         let shutdown = CancellationToken::new();
         let (hub, rate_limits): (Arc<Hub>, Arc<dyn RateLimiter>) = if config.cluster.enabled {
             let node = crate::cluster::node_id(&config.cluster);
@@ -119,6 +141,7 @@ impl AppState {
                 rate_limits,
                 clock: Arc::new(SystemClock),
                 blobs,
+                staging,
                 shutdown,
             },
         )
@@ -136,6 +159,7 @@ impl AppState {
             rate_limits,
             clock,
             blobs,
+            staging,
             shutdown,
         } = parts;
         let messaging = Arc::new(Messaging::new(
@@ -184,10 +208,10 @@ impl AppState {
         let media = Arc::new(Media::new(
             store.clone(),
             blobs,
+            staging,
             clock.clone(),
             config.media.clone(),
-            config.data_dir.join("uploads"),
-        )?);
+        ));
         Ok(AppState {
             accounts,
             keys,

@@ -300,6 +300,9 @@ pub struct MediaConfig {
     pub quota_bytes: u64,
     /// Incomplete uploads one user may have at once.
     pub max_uploads_per_user: usize,
+    /// Requests writing upload bytes at once on this node; more are refused (503) to be
+    /// retried. Each buffers up to 256 KiB on the file system backend, 5 MiB on S3.
+    pub max_concurrent_writes: usize,
     /// Days an upload or a claim keeps an object referenced.
     pub retention_days: u64,
     /// Hours an incomplete resumable upload is kept.
@@ -316,6 +319,7 @@ impl Default for MediaConfig {
             max_object_bytes: 2 << 30,
             quota_bytes: 10 << 30,
             max_uploads_per_user: 16,
+            max_concurrent_writes: 64,
             retention_days: 30,
             upload_expiry_hours: 24,
             gc_interval_secs: 3600,
@@ -524,22 +528,32 @@ impl Config {
             return bad("media.max_object_bytes must be positive and at most media.quota_bytes");
         }
         if m.max_uploads_per_user == 0
+            || m.max_concurrent_writes == 0
             || m.retention_days == 0
             || m.upload_expiry_hours == 0
             || m.gc_interval_secs == 0
         {
             return bad(
-                "media.max_uploads_per_user, retention_days, upload_expiry_hours and gc_interval_secs must be positive",
+                "media.max_uploads_per_user, max_concurrent_writes, retention_days, upload_expiry_hours and gc_interval_secs must be positive",
             );
         }
         if m.backend == BlobBackend::S3 && m.s3.bucket.is_empty() {
             return bad("media.s3.bucket is required with media.backend = \"s3\"");
+        }
+        if m.backend == BlobBackend::S3 && m.max_object_bytes > 5 << 30 {
+            // A completed upload becomes its object by one server-side copy (S3: 5 GiB at most).
+            return bad("media.max_object_bytes is at most 5 GiB with media.backend = \"s3\"");
         }
         let c = &self.cluster;
         if c.enabled {
             if st.backend != StorageBackend::Postgres {
                 return bad(
                     "cluster.enabled needs storage.backend = \"postgres\": the nodes share one database",
+                );
+            }
+            if m.backend != BlobBackend::S3 {
+                return bad(
+                    "cluster.enabled needs media.backend = \"s3\": every node serves every object and resumes every upload",
                 );
             }
             if c.redis_url.is_empty() || c.nats_url.is_empty() {

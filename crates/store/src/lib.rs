@@ -215,6 +215,36 @@ pub trait Store: Send + Sync + 'static {
     /// caller deletes the bytes only after this said yes.
     async fn forget_media(&self, id: MediaHash, now_ms: i64) -> Result<bool, StoreError>;
 
+    /// Records that incomplete upload `id` now holds `to` bytes staged as `staging` (opaque to
+    /// the store: where the bytes are and the running hash), if it still holds `from`. Whether
+    /// it did: `false` means the upload is gone, complete, or was moved by another writer.
+    async fn advance_upload(
+        &self,
+        id: &str,
+        from: u64,
+        to: u64,
+        staging: Vec<u8>,
+    ) -> Result<bool, StoreError>;
+
+    // --- leases: exclusion between the processes sharing this store ---
+
+    /// Takes lease `name` for `holder` until `until_ms` if it is free at `now_ms` (never taken,
+    /// given up, or expired) or already `holder`'s (a renewal). Whether `holder` holds it now.
+    /// A holder that dies holds its leases until they expire.
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives lease `name` up if `holder` holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// Deletes the leases that expired before `now_ms` (their holders died); how many.
+    async fn forget_expired_leases(&self, now_ms: i64) -> Result<usize, StoreError>;
+
     // --- key directory (public keys for end-to-end encryption, stored opaquely) ---
 
     /// Publishes a device's keys in one transaction: identity keys (once; different ones later

@@ -322,6 +322,11 @@ pub struct UploadRecord {
     pub expires_at_ms: i64,
     /// Set once the upload completed.
     pub media: Option<MediaHash>,
+    /// Bytes durably staged, as last recorded by [`crate::Store::advance_upload`] (a server
+    /// that stages uploads on its own disk knows its offset from there and leaves this 0).
+    pub received: u64,
+    /// How the received bytes are staged, opaque to the store (see `advance_upload`).
+    pub staging: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1281,6 +1281,86 @@ async fn media_uploads_quota_and_references(f: Fixture) {
     assert_eq!(s.upload("u2").await.expect("read"), None);
 }
 
+/// An upload staged outside the node records its progress in the store, moved only from the
+/// offset the writer started at; leases exclude other holders until they expire.
+async fn upload_progress_and_leases(f: Fixture) {
+    let s = f.store.clone();
+    let alice = user(&*s, "alice", 1).await[0].user_id;
+    s.create_upload(new_upload("u1", alice, 600, None), LIMITS)
+        .await
+        .expect("u1");
+    let up = s.upload("u1").await.expect("read").expect("u1");
+    assert_eq!((up.received, up.staging), (0, None));
+    assert!(
+        s.advance_upload("u1", 0, 100, b"s1".to_vec())
+            .await
+            .expect("advance")
+    );
+    // A writer that started from a stale offset moves nothing.
+    assert!(
+        !s.advance_upload("u1", 0, 200, b"s2".to_vec())
+            .await
+            .expect("stale")
+    );
+    assert!(
+        !s.advance_upload("nope", 0, 1, Vec::new())
+            .await
+            .expect("unknown")
+    );
+    let up = s.upload("u1").await.expect("read").expect("u1");
+    assert_eq!((up.received, up.staging), (100, Some(b"s1".to_vec())));
+    s.finish_upload("u1", [7; 32], 600, 5_000, 200)
+        .await
+        .expect("finish");
+    assert!(
+        !s.advance_upload("u1", 100, 600, Vec::new())
+            .await
+            .expect("complete"),
+        "a complete upload does not move"
+    );
+
+    assert!(s.take_lease("gc", "a", 1_000, 2_000).await.expect("take"));
+    assert!(!s.take_lease("gc", "b", 1_500, 2_500).await.expect("held"));
+    assert!(s.take_lease("gc", "a", 1_500, 3_000).await.expect("renew"));
+    assert!(
+        s.take_lease("gc", "b", 3_000, 4_000)
+            .await
+            .expect("expired")
+    );
+    s.release_lease("gc", "a").await.expect("not a's");
+    assert!(!s.take_lease("gc", "a", 3_500, 4_500).await.expect("b's"));
+    s.release_lease("gc", "b").await.expect("release");
+    assert!(s.take_lease("gc", "a", 3_500, 4_500).await.expect("free"));
+    assert!(
+        s.take_lease("other", "a", 3_500, 9_000)
+            .await
+            .expect("other")
+    );
+    assert_eq!(s.forget_expired_leases(5_000).await.expect("forget"), 1);
+    assert!(
+        !s.take_lease("other", "b", 5_000, 6_000)
+            .await
+            .expect("kept")
+    );
+
+    // Many takers of one free lease at once: exactly one holds it.
+    let takers: Vec<_> = (0..16)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.take_lease("race", &format!("h{i}"), 10_000, 20_000)
+                    .await
+                    .expect("take")
+            })
+        })
+        .collect();
+    let mut held = 0;
+    for t in takers {
+        held += usize::from(t.await.expect("join"));
+    }
+    assert_eq!(held, 1);
+}
+
 async fn media_garbage_is_expired_uploads_and_unreferenced_objects(f: Fixture) {
     let s = &*f.store;
     let alice = user(s, "alice", 1).await[0].user_id;
@@ -1990,6 +2070,7 @@ macro_rules! conformance {
                 group_receipts_and_message_info,
                 media_uploads_quota_and_references,
                 media_garbage_is_expired_uploads_and_unreferenced_objects,
+                upload_progress_and_leases,
                 key_directory_publish_list_and_claim,
                 mailbox_entry_bound_refuses_and_stores_nothing,
                 mailbox_byte_bound_refuses_and_stores_nothing,
@@ -2159,6 +2240,9 @@ async fn sqlite_migration_backfills_mailbox_totals() {
             "ALTER TABLE mailbox DROP COLUMN size;
              ALTER TABLE devices DROP COLUMN mailbox_entries;
              ALTER TABLE devices DROP COLUMN mailbox_bytes;
+             ALTER TABLE uploads DROP COLUMN received;
+             ALTER TABLE uploads DROP COLUMN staging;
+             DROP TABLE leases;
              PRAGMA user_version = 3;",
         )
         .expect("back to version 3");
@@ -2170,7 +2254,7 @@ async fn sqlite_migration_backfills_mailbox_totals() {
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 5);
+        assert_eq!(version, 6);
         let totals: Vec<(u64, i64, i64)> = c
             .prepare("SELECT id, mailbox_entries, mailbox_bytes FROM devices ORDER BY id")
             .expect("prepare")
@@ -2236,6 +2320,9 @@ async fn sqlite_migration_renumbers_direct_conversations() {
              UPDATE mailbox SET conversation_id = 100 WHERE conversation_id = {direct};
              UPDATE receipts SET conversation_id = 100 WHERE conversation_id = {direct};
              UPDATE conversations SET id = 100 WHERE id = {direct};
+             ALTER TABLE uploads DROP COLUMN received;
+             ALTER TABLE uploads DROP COLUMN staging;
+             DROP TABLE leases;
              PRAGMA user_version = 4;"
         ))
         .expect("back to version 4");

@@ -1,27 +1,29 @@
 //! The media service (PROTOCOL.md §8): content-addressed objects, resumable uploads, quotas,
 //! references and garbage collection. Bytes stream through in bounded chunks both ways; the
-//! metadata is in the [`Store`], the bytes in a [`BlobStore`].
+//! metadata is in the [`Store`], the bytes in a [`BlobStore`], and incomplete uploads in a
+//! [`Staging`] area: files on the node's disk, or the S3 bucket itself (so that an upload
+//! begun through one node resumes through any other).
 //!
-//! Uploads (tus and whole-object `PUT` alike) are appended to a staging file
-//! (`data_dir/uploads/<upload id>`) whose length *is* the upload offset, fsynced before an offset
-//! is reported, so an interrupted upload resumes where its bytes end. The running SHA-256 of an
-//! upload is kept in memory between requests; after a restart it is recomputed from the file.
-//! Completion verifies the hash, moves the file into the blob store and records the object and
-//! the uploader's reference.
+//! Uploads (tus and whole-object `PUT` alike) are appended by one request at a time: the
+//! request holds the upload's lease (`u:<id>`) in the store, whichever node it reached. Its
+//! committed bytes are durable before an offset is reported, so an interrupted upload
+//! resumes where they end. Completion verifies the hash, publishes the bytes as the object
+//! and records the object and the uploader's reference.
 //!
 //! An object's record is written after its bytes and deleted before them, and both steps hold
-//! the object's lock, so a record never names missing bytes (a crash can leave orphaned bytes,
-//! never a dangling record).
+//! the object's lease (`m:<id>`), so a record never names missing bytes (a crash can leave
+//! orphaned bytes, never a dangling record). Garbage collection holds the lease `gc`: one node
+//! collects at a time.
 
 pub mod blob;
+pub mod lease;
 pub mod range;
 #[cfg(feature = "s3")]
 pub mod s3;
+pub mod staging;
 
-use std::collections::HashMap;
-use std::io::Read;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -29,19 +31,19 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tern_proto::ErrorCode;
 use tern_store::{MediaGrant, MediaHash, MediaLimits, MediaRecord, NewUpload, Store, UploadRecord};
-use tokio::io::AsyncWriteExt;
 
 use crate::config::MediaConfig;
 use crate::error::ApiError;
 use crate::services::Clock;
 pub use blob::{BlobError, BlobStore, ByteStream, FsBlobs};
+use lease::{Lease, Leases};
+use staging::{Committed, Staged};
+pub use staging::{FileStaging, Staging, StagingError};
 
-/// Bytes buffered between the request body and the staging file.
-const WRITE_BUFFER: usize = 256 * 1024;
 /// Garbage handled per store round trip.
 const GC_BATCH: usize = 256;
-/// Object locks (striped by id).
-const LOCKS: usize = 64;
+/// How long a completing upload waits for another holder of its object's lease.
+const OBJECT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A checksum of one `PATCH` body (tus `Upload-Checksum`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,28 +60,24 @@ pub struct Appended {
     pub completed: Option<MediaGrant>,
 }
 
-/// The state of an upload between requests, in memory.
-#[derive(Default)]
-struct Live {
-    busy: bool,
-    /// The SHA-256 of the first `hashed` bytes of the staging file.
-    hash: Option<(u64, Sha256)>,
-}
-
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GcReport {
     pub uploads: usize,
     pub objects: usize,
+    /// Another node (or an earlier pass still running) held the collection's lease: this
+    /// pass did nothing.
+    pub skipped: bool,
 }
 
 pub struct Media {
     store: Arc<dyn Store>,
     blobs: Arc<dyn BlobStore>,
+    staging: Arc<dyn Staging>,
     clock: Arc<dyn Clock>,
     config: MediaConfig,
-    staging: PathBuf,
-    live: Mutex<HashMap<String, Live>>,
-    locks: Vec<tokio::sync::Mutex<()>>,
+    leases: Leases,
+    /// Requests writing to uploads at once (each buffers up to a staging part).
+    writers: tokio::sync::Semaphore,
 }
 
 /// Parses a media id: 64 lowercase or uppercase hex characters.
@@ -93,73 +91,53 @@ pub fn parse_id(s: &str) -> Result<MediaHash, ApiError> {
     Ok(id)
 }
 
-fn io_error(e: std::io::Error) -> ApiError {
-    tracing::error!(error = %e, "media I/O failed");
+fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "{what} failed");
     ApiError::new(ErrorCode::Internal, "storage failure; retry later")
 }
 
 fn blob_error(e: BlobError) -> ApiError {
     match e {
         BlobError::NotFound => ApiError::new(ErrorCode::NotFound, "media not found"),
-        e => {
-            tracing::error!(error = %e, "blob store failed");
-            ApiError::new(ErrorCode::Internal, "storage failure; retry later")
-        }
+        e => unavailable("blob store", e),
     }
 }
 
-/// Marks an upload busy for the life of the guard.
-struct Busy<'a> {
-    media: &'a Media,
-    id: String,
-}
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut live) = self.media.live.lock()
-            && let Some(l) = live.get_mut(&self.id)
-        {
-            l.busy = false;
-        }
+fn staging_error(e: StagingError) -> ApiError {
+    match e {
+        StagingError::Store(e) => e.into(),
+        StagingError::Moved => ApiError::new(
+            ErrorCode::Conflict,
+            "the upload moved under this request; HEAD it and resume",
+        ),
+        e => unavailable("upload staging", e),
     }
 }
 
-/// Truncates the staging file back to where a request started unless disarmed: a request
-/// with a checksum keeps nothing of a body that was cut off or did not match.
-struct Rollback {
-    path: PathBuf,
-    offset: u64,
-    armed: bool,
-}
-
-impl Drop for Rollback {
-    fn drop(&mut self) {
-        if self.armed
-            && let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.path)
-        {
-            let _ = f.set_len(self.offset).and_then(|()| f.sync_data());
-        }
-    }
+fn busy() -> ApiError {
+    ApiError::new(
+        ErrorCode::Conflict,
+        "another request is writing to this upload; retry",
+    )
 }
 
 impl Media {
     pub fn new(
         store: Arc<dyn Store>,
         blobs: Arc<dyn BlobStore>,
+        staging: Arc<dyn Staging>,
         clock: Arc<dyn Clock>,
         config: MediaConfig,
-        staging: PathBuf,
-    ) -> std::io::Result<Media> {
-        std::fs::create_dir_all(&staging)?;
-        Ok(Media {
+    ) -> Media {
+        Media {
+            leases: Leases::new(store.clone(), clock.clone()),
+            writers: tokio::sync::Semaphore::new(config.max_concurrent_writes),
             store,
             blobs,
+            staging,
             clock,
             config,
-            staging,
-            live: Mutex::new(HashMap::new()),
-            locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
-        })
+        }
     }
 
     pub fn config(&self) -> &MediaConfig {
@@ -177,12 +155,19 @@ impl Media {
         now.saturating_add((self.config.retention_days as i64).saturating_mul(86_400_000))
     }
 
-    fn staged(&self, upload: &str) -> PathBuf {
-        self.staging.join(upload)
+    async fn upload_lease(&self, id: &str) -> Result<Option<Lease>, ApiError> {
+        Ok(self.leases.try_take(format!("u:{id}")).await?)
     }
 
-    fn lock_of(&self, id: &MediaHash) -> &tokio::sync::Mutex<()> {
-        &self.locks[id[0] as usize % self.locks.len()]
+    async fn object_lease(
+        &self,
+        id: &MediaHash,
+        patience: Duration,
+    ) -> Result<Option<Lease>, ApiError> {
+        Ok(self
+            .leases
+            .take(format!("m:{}", hex::encode(id)), patience)
+            .await?)
     }
 
     // --- objects ---
@@ -264,13 +249,13 @@ impl Media {
                 Ok(grant)
             }
             Ok(_) => {
-                self.discard(&upload.id).await;
+                self.discard(&upload).await;
                 Err(ApiError::bad_request(
                     "the body ended before Content-Length bytes",
                 ))
             }
             Err(e) => {
-                self.discard(&upload.id).await;
+                self.discard(&upload).await;
                 Err(e)
             }
         }
@@ -299,11 +284,9 @@ impl Media {
         let now = self.clock.now_ms();
         let expires =
             now.saturating_add((self.config.upload_expiry_hours as i64).saturating_mul(3_600_000));
-        // The file first: a row without a file would read as offset 0, a file without a row is
+        // The staging area first: a row without one reads as offset 0, one without a row is
         // swept as garbage.
-        tokio::fs::File::create(self.staged(&id))
-            .await
-            .map_err(io_error)?;
+        self.staging.create(&id).await.map_err(staging_error)?;
         let new = NewUpload {
             id: id.clone(),
             user,
@@ -312,19 +295,22 @@ impl Media {
             now_ms: now,
             expires_at_ms: expires,
         };
-        if let Err(e) = self.store.create_upload(new, self.limits()).await {
-            let _ = tokio::fs::remove_file(self.staged(&id)).await;
-            return Err(e.into());
-        }
-        Ok(UploadRecord {
-            id,
+        let up = UploadRecord {
+            id: id.clone(),
             user,
             length,
             expected,
             created_at_ms: now,
             expires_at_ms: expires,
             media: None,
-        })
+            received: 0,
+            staging: None,
+        };
+        if let Err(e) = self.store.create_upload(new, self.limits()).await {
+            self.staging.discard(&up).await;
+            return Err(e.into());
+        }
+        Ok(up)
     }
 
     /// An upload of `user` and its offset (bytes durably received).
@@ -340,11 +326,7 @@ impl Media {
         if up.media.is_some() {
             return Ok((up.clone(), up.length));
         }
-        let offset = match tokio::fs::metadata(self.staged(id)).await {
-            Ok(m) => m.len().min(up.length),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io_error(e)),
-        };
+        let offset = self.staging.offset(&up).await.map_err(staging_error)?;
         Ok((up, offset))
     }
 
@@ -362,8 +344,16 @@ impl Media {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        self.upload(user, id).await?;
+        let _permit = self.writers.try_acquire().map_err(|_| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "too many uploads are being written to; retry",
+            )
+        })?;
+        let lease = self.upload_lease(id).await?.ok_or_else(busy)?;
+        // Read again under the lease: the previous writer may have moved it.
         let (up, current) = self.upload(user, id).await?;
-        let _busy = self.claim_busy(id)?;
         if up.media.is_some() {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
@@ -376,19 +366,11 @@ impl Media {
                 format!("Upload-Offset is {current}, not {offset}"),
             ));
         }
-        let path = self.staged(id);
-        let mut hash = self.take_hash(id, offset);
-        let mut rollback = Rollback {
-            path: path.clone(),
-            offset,
-            armed: checksum.is_some(),
-        };
-        let file = tokio::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
+        let mut out = self
+            .staging
+            .open(&up, offset, checksum.is_some())
             .await
-            .map_err(io_error)?;
-        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+            .map_err(staging_error)?;
         let mut sha1 = matches!(checksum, Some(Checksum::Sha1(_))).then(sha1::Sha1::new);
         let mut sha256 = matches!(checksum, Some(Checksum::Sha256(_))).then(Sha256::new);
         let room = up.length - offset;
@@ -402,10 +384,12 @@ impl Media {
                     break;
                 }
             };
+            if lease.lost() {
+                out.abort().await;
+                return Err(busy());
+            }
             if written + chunk.len() as u64 > room {
-                // Let every write land before the rollback truncates behind it.
-                let _ = out.flush().await;
-                rollback.armed = true;
+                out.abort().await;
                 return Err(ApiError::new(
                     ErrorCode::TooLarge,
                     format!("the body goes past Upload-Length ({})", up.length),
@@ -417,21 +401,20 @@ impl Media {
             if let Some(h) = sha256.as_mut() {
                 h.update(&chunk);
             }
-            if let Some((_, h)) = hash.as_mut() {
-                h.update(&chunk);
-            }
-            out.write_all(&chunk).await.map_err(io_error)?;
-            written += chunk.len() as u64;
-            metrics::counter!("tern_media_upload_bytes_total").increment(chunk.len() as u64);
+            let n = chunk.len() as u64;
+            out.write(chunk).await.map_err(staging_error)?;
+            written += n;
+            metrics::counter!("tern_media_upload_bytes_total").increment(n);
         }
-        out.flush().await.map_err(io_error)?;
-        out.get_ref().sync_data().await.map_err(io_error)?;
         if let Some(reason) = cut_off {
             // Keep what arrived (unless a checksum covers the whole body): that is the resume.
             tracing::debug!(upload = id, %reason, written, "upload request cut off");
-            if !rollback.armed {
-                self.put_hash(id, hash.map(|(n, h)| (n + written, h)));
+            if checksum.is_some() {
+                out.abort().await;
+            } else {
+                out.commit().await.map_err(staging_error)?;
             }
+            lease.release().await;
             return Err(ApiError::bad_request(
                 "the request body was cut off; HEAD the upload and resume",
             ));
@@ -444,41 +427,42 @@ impl Media {
             _ => true,
         };
         if !matches {
+            out.abort().await;
+            lease.release().await;
             return Err(ApiError::new(
                 ErrorCode::ChecksumMismatch,
                 "Upload-Checksum does not match the body; it was discarded",
             ));
         }
-        rollback.armed = false;
-        let offset = offset + written;
-        if offset < up.length {
-            self.put_hash(id, hash.map(|(n, h)| (n + written, h)));
-            return Ok(Appended {
+        let result = match out.commit().await.map_err(staging_error)? {
+            Committed::Partial(offset) => Ok(Appended {
                 offset,
                 completed: None,
-            });
-        }
-        let digest = match hash {
-            Some((_, h)) => h.finalize().into(),
-            None => hash_file(path.clone()).await?,
+            }),
+            Committed::Complete { digest, staged } => {
+                self.complete(&up, digest, staged)
+                    .await
+                    .map(|grant| Appended {
+                        offset: up.length,
+                        completed: Some(grant),
+                    })
+            }
         };
-        let grant = self.complete(&up, digest, path).await?;
-        Ok(Appended {
-            offset,
-            completed: Some(grant),
-        })
+        lease.release().await;
+        result
     }
 
     async fn complete(
         &self,
         up: &UploadRecord,
         digest: MediaHash,
-        staged: PathBuf,
+        staged: Box<dyn Staged>,
     ) -> Result<MediaGrant, ApiError> {
         if let Some(expected) = up.expected
             && expected != digest
         {
-            self.discard(&up.id).await;
+            staged.discard().await;
+            self.discard(up).await;
             return Err(ApiError::new(
                 ErrorCode::ChecksumMismatch,
                 format!(
@@ -488,170 +472,118 @@ impl Media {
                 ),
             ));
         }
-        let _object = self.lock_of(&digest).lock().await;
+        let object = self
+            .object_lease(&digest, OBJECT_PATIENCE)
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the object is being stored or collected elsewhere; retry",
+                )
+            })?;
         if self.store.media(digest).await?.is_some() {
-            let _ = tokio::fs::remove_file(&staged).await;
+            staged.discard().await;
         } else {
-            self.blobs
-                .put_file(&digest, &staged)
-                .await
-                .map_err(blob_error)?;
+            staged.publish(&digest).await.map_err(staging_error)?;
         }
         let now = self.clock.now_ms();
         let grant = self
             .store
             .finish_upload(&up.id, digest, up.length, self.retention_end(now), now)
-            .await?;
-        self.forget_live(&up.id);
+            .await;
+        object.release().await;
+        let grant = grant?;
         metrics::counter!("tern_media_objects_stored_total").increment(u64::from(grant.created));
         Ok(grant)
     }
 
     /// Terminates an upload of `user` (tus termination).
     pub async fn terminate(&self, user: u64, id: &str) -> Result<(), ApiError> {
-        self.upload(user, id).await?;
-        let _busy = self.claim_busy(id)?;
-        self.discard(id).await;
+        let (up, _) = self.upload(user, id).await?;
+        let lease = self.upload_lease(id).await?.ok_or_else(busy)?;
+        self.discard(&up).await;
+        lease.release().await;
         Ok(())
     }
 
-    /// Forgets an upload: its row, its staging file, its live state.
-    async fn discard(&self, id: &str) {
-        if let Err(e) = self.store.delete_upload(id).await {
+    /// Forgets an upload: its row, then its staged bytes (as the row last described them).
+    async fn discard(&self, up: &UploadRecord) {
+        let latest = match self.store.upload(&up.id).await {
+            Ok(Some(latest)) => latest,
+            _ => up.clone(),
+        };
+        if let Err(e) = self.store.delete_upload(&up.id).await {
             tracing::warn!(error = %e, "cannot delete an upload record");
         }
-        match tokio::fs::remove_file(self.staged(id)).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(error = %e, "cannot delete a staged upload"),
-        }
-        self.forget_live(id);
-    }
-
-    fn claim_busy(&self, id: &str) -> Result<Busy<'_>, ApiError> {
-        let mut live = self
-            .live
-            .lock()
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "upload state poisoned"))?;
-        let l = live.entry(id.to_owned()).or_default();
-        if l.busy {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                "another request is writing to this upload; retry",
-            ));
-        }
-        l.busy = true;
-        Ok(Busy {
-            media: self,
-            id: id.to_owned(),
-        })
-    }
-
-    /// The running hash if it covers exactly the first `offset` bytes.
-    fn take_hash(&self, id: &str, offset: u64) -> Option<(u64, Sha256)> {
-        if offset == 0 {
-            return Some((0, Sha256::new()));
-        }
-        let mut live = self.live.lock().ok()?;
-        match live.get_mut(id)?.hash.take() {
-            Some((n, h)) if n == offset => Some((n, h)),
-            _ => None,
-        }
-    }
-
-    fn put_hash(&self, id: &str, hash: Option<(u64, Sha256)>) {
-        if let Ok(mut live) = self.live.lock()
-            && let Some(l) = live.get_mut(id)
-        {
-            l.hash = hash;
-        }
-    }
-
-    fn forget_live(&self, id: &str) {
-        if let Ok(mut live) = self.live.lock() {
-            live.remove(id);
-        }
-    }
-
-    fn is_busy(&self, id: &str) -> bool {
-        self.live
-            .lock()
-            .map(|l| l.get(id).is_some_and(|l| l.busy))
-            .unwrap_or(true)
+        self.staging.discard(&latest).await;
     }
 
     // --- garbage collection ---
 
-    /// Deletes expired uploads and objects that no live reference holds, in batches.
+    /// Deletes expired uploads and objects that no live reference holds, in batches, unless
+    /// another node is collecting (then the report says `skipped`).
     pub async fn collect_garbage(&self, now_ms: i64) -> Result<GcReport, ApiError> {
+        let Some(gc) = self.leases.try_take("gc".into()).await? else {
+            metrics::counter!("tern_media_gc_skipped_total").increment(1);
+            return Ok(GcReport {
+                skipped: true,
+                ..GcReport::default()
+            });
+        };
+        let result = self.collect(now_ms, &gc).await;
+        gc.release().await;
+        result
+    }
+
+    async fn collect(&self, now_ms: i64, gc: &Lease) -> Result<GcReport, ApiError> {
         let mut report = GcReport::default();
         loop {
             let garbage = self.store.media_garbage(now_ms, GC_BATCH).await?;
             let (uploads, objects) = (garbage.expired_uploads.len(), garbage.unreferenced.len());
+            let before = report;
             for id in garbage.expired_uploads {
-                if !self.is_busy(&id) {
-                    self.discard(&id).await;
+                // One being written to is left for the next pass.
+                if let (Some(lease), Some(up)) =
+                    (self.upload_lease(&id).await?, self.store.upload(&id).await?)
+                {
+                    self.discard(&up).await;
+                    lease.release().await;
                     report.uploads += 1;
                 }
             }
             for id in garbage.unreferenced {
-                let _object = self.lock_of(&id).lock().await;
-                if self.store.forget_media(id, now_ms).await? {
-                    self.blobs.delete(&id).await.map_err(blob_error)?;
-                    report.objects += 1;
-                }
+                let Some(lease) = self.object_lease(&id, Duration::ZERO).await? else {
+                    continue;
+                };
+                let forgotten = self.store.forget_media(id, now_ms).await;
+                let deleted = match forgotten {
+                    Ok(true) => self
+                        .blobs
+                        .delete(&id)
+                        .await
+                        .map_err(blob_error)
+                        .map(|()| true),
+                    Ok(false) => Ok(false),
+                    Err(e) => Err(e.into()),
+                };
+                lease.release().await;
+                report.objects += usize::from(deleted?);
             }
-            if uploads < GC_BATCH && objects < GC_BATCH {
+            let stuck = report == before;
+            if (uploads < GC_BATCH && objects < GC_BATCH) || stuck || gc.lost() {
                 break;
             }
         }
-        report.uploads += self.sweep_staging().await?;
+        report.uploads += self
+            .staging
+            .sweep(&*self.store)
+            .await
+            .map_err(staging_error)?;
+        if let Err(e) = self.leases.forget_expired().await {
+            tracing::warn!(error = %e, "cannot delete expired leases");
+        }
         metrics::counter!("tern_media_gc_uploads_total").increment(report.uploads as u64);
         metrics::counter!("tern_media_gc_objects_total").increment(report.objects as u64);
         Ok(report)
     }
-}
-
-impl Media {
-    /// Deletes staging files that no upload record names (a crash between creating the file
-    /// and recording the upload, or a failed delete), once they are older than an hour.
-    async fn sweep_staging(&self) -> Result<usize, ApiError> {
-        let mut dir = tokio::fs::read_dir(&self.staging).await.map_err(io_error)?;
-        let mut swept = 0;
-        while let Some(entry) = dir.next_entry().await.map_err(io_error)? {
-            let name = entry.file_name();
-            let Some(id) = name.to_str() else { continue };
-            let old = entry
-                .metadata()
-                .await
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age.as_secs() > 3600);
-            if old && !self.is_busy(id) && self.store.upload(id).await?.is_none() {
-                let _ = tokio::fs::remove_file(entry.path()).await;
-                swept += 1;
-            }
-        }
-        Ok(swept)
-    }
-}
-
-/// SHA-256 of a file, read in 1 MiB pieces on a blocking thread.
-async fn hash_file(path: PathBuf) -> Result<MediaHash, ApiError> {
-    tokio::task::spawn_blocking(move || -> std::io::Result<MediaHash> {
-        let mut f = std::fs::File::open(path)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                return Ok(h.finalize().into());
-            }
-            h.update(&buf[..n]);
-        }
-    })
-    .await
-    .map_err(|e| ApiError::new(ErrorCode::Internal, format!("hash task failed: {e}")))?
-    .map_err(io_error)
 }

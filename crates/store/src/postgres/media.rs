@@ -94,13 +94,15 @@ fn upload_from(id: &str, r: &tokio_postgres::Row) -> Result<UploadRecord, StoreE
         created_at_ms: r.col(3)?,
         expires_at_ms: r.col(4)?,
         media: r.col::<Option<Vec<u8>>>(5)?.map(hash_from).transpose()?,
+        received: r.col::<i64>(6)? as u64,
+        staging: r.col(7)?,
     })
 }
 
 pub async fn upload<C: GenericClient>(c: &C, id: &str) -> Result<Option<UploadRecord>, StoreError> {
     query_opt(
         c,
-        "SELECT user_id, length, expected, created_at, expires_at, media_id
+        "SELECT user_id, length, expected, created_at, expires_at, media_id, received, staging
          FROM uploads WHERE id = $1",
         &[&id],
     )
@@ -154,7 +156,7 @@ pub async fn finish_upload<C: GenericClient>(
     // The upload's row, locked: two completions of one upload cannot both pass the check.
     let Some(row) = query_opt(
         c,
-        "SELECT user_id, length, expected, created_at, expires_at, media_id
+        "SELECT user_id, length, expected, created_at, expires_at, media_id, received, staging
          FROM uploads WHERE id = $1 FOR UPDATE",
         &[&upload_id],
     )
@@ -316,4 +318,62 @@ pub async fn forget_media<C: GenericClient>(
     )
     .await?
         == 1)
+}
+
+pub async fn advance_upload<C: GenericClient>(
+    c: &C,
+    upload_id: &str,
+    from: u64,
+    to: u64,
+    staging: &[u8],
+) -> Result<bool, StoreError> {
+    Ok(execute(
+        c,
+        "UPDATE uploads SET received = $3, staging = $4
+         WHERE id = $1 AND received = $2 AND media_id IS NULL",
+        &[&upload_id, &id(from), &id(to), &staging],
+    )
+    .await?
+        == 1)
+}
+
+pub async fn take_lease<C: GenericClient>(
+    c: &C,
+    name: &str,
+    holder: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, StoreError> {
+    // The conflicting row is locked by the upsert, so two takers of one free lease serialise
+    // and the second sees the first's holder.
+    Ok(execute(
+        c,
+        "INSERT INTO leases (name, holder, until_ms) VALUES ($1, $2, $4)
+         ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms
+         WHERE leases.until_ms <= $3 OR leases.holder = EXCLUDED.holder",
+        &[&name, &holder, &now_ms, &until_ms],
+    )
+    .await?
+        == 1)
+}
+
+pub async fn release_lease<C: GenericClient>(
+    c: &C,
+    name: &str,
+    holder: &str,
+) -> Result<(), StoreError> {
+    execute(
+        c,
+        "DELETE FROM leases WHERE name = $1 AND holder = $2",
+        &[&name, &holder],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn forget_expired_leases<C: GenericClient>(
+    c: &C,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    Ok(execute(c, "DELETE FROM leases WHERE until_ms < $1", &[&now_ms]).await? as usize)
 }

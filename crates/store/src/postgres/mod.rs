@@ -658,6 +658,34 @@ impl Store for PgStore {
         media::forget_media(&self.client().await?, &id, now_ms).await
     }
 
+    async fn advance_upload(
+        &self,
+        id: &str,
+        from: u64,
+        to: u64,
+        staging: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        media::advance_upload(&self.client().await?, id, from, to, &staging).await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        media::take_lease(&self.client().await?, name, holder, now_ms, until_ms).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        media::release_lease(&self.client().await?, name, holder).await
+    }
+
+    async fn forget_expired_leases(&self, now_ms: i64) -> Result<usize, StoreError> {
+        media::forget_expired_leases(&self.client().await?, now_ms).await
+    }
+
     async fn publish_keys(
         &self,
         device: DeviceId,

@@ -154,6 +154,18 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (device_id, key_id)
     );
     "#,
+    // 2: resumable uploads whose bytes are staged outside the node (how many are durable and
+    //    how they are staged, in the row), and leases: exclusion between the nodes (an
+    //    upload's writer, an object's publication, garbage collection).
+    r#"
+    ALTER TABLE uploads ADD COLUMN received BIGINT NOT NULL DEFAULT 0,
+                        ADD COLUMN staging BYTEA;
+    CREATE TABLE leases (
+        name        TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        until_ms    BIGINT NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the database to the latest schema; returns how many migrations it applied.

@@ -73,21 +73,25 @@ pub fn create_upload(c: &Connection, u: &NewUpload, limits: MediaLimits) -> Resu
 pub fn upload(c: &Connection, id: &str) -> Result<Option<UploadRecord>, StoreError> {
     let row = c
         .prepare_cached(
-            "SELECT user_id, length, expected, created_at, expires_at, media_id
+            "SELECT user_id, length, expected, created_at, expires_at, media_id, received, staging
              FROM uploads WHERE id = ?1",
         )?
         .query_row([id], |r| {
             Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Option<Vec<u8>>>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
+                (
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ),
                 r.get::<_, Option<Vec<u8>>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<Vec<u8>>>(7)?,
             ))
         })
         .optional()?;
-    let Some((user, length, expected, created, expires, media)) = row else {
+    let Some(((user, length, expected, created, expires), media, received, staging)) = row else {
         return Ok(None);
     };
     Ok(Some(UploadRecord {
@@ -98,7 +102,51 @@ pub fn upload(c: &Connection, id: &str) -> Result<Option<UploadRecord>, StoreErr
         created_at_ms: created,
         expires_at_ms: expires,
         media: media.map(hash_from).transpose()?,
+        received: received as u64,
+        staging,
     }))
+}
+
+pub fn advance_upload(
+    c: &Connection,
+    id: &str,
+    from: u64,
+    to: u64,
+    staging: &[u8],
+) -> Result<bool, StoreError> {
+    Ok(c.prepare_cached(
+        "UPDATE uploads SET received = ?3, staging = ?4
+         WHERE id = ?1 AND received = ?2 AND media_id IS NULL",
+    )?
+    .execute(params![id, from as i64, to as i64, staging])?
+        == 1)
+}
+
+pub fn take_lease(
+    c: &Connection,
+    name: &str,
+    holder: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, StoreError> {
+    Ok(c.prepare_cached(
+        "INSERT INTO leases (name, holder, until_ms) VALUES (?1, ?2, ?4)
+         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+         WHERE leases.until_ms <= ?3 OR leases.holder = excluded.holder",
+    )?
+    .execute(params![name, holder, now_ms, until_ms])?
+        == 1)
+}
+
+pub fn release_lease(c: &Connection, name: &str, holder: &str) -> Result<(), StoreError> {
+    c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?
+        .execute([name, holder])?;
+    Ok(())
+}
+
+pub fn forget_expired_leases(c: &Connection, now_ms: i64) -> Result<usize, StoreError> {
+    Ok(c.prepare_cached("DELETE FROM leases WHERE until_ms < ?1")?
+        .execute([now_ms])?)
 }
 
 /// Inserts the object if new and gives `user` a reference lasting at least until `expires`.

@@ -480,6 +480,41 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn advance_upload(
+        &self,
+        id: &str,
+        from: u64,
+        to: u64,
+        staging: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write(move |t, _| media::advance_upload(t, &id, from, to, &staging))
+            .await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |t, _| media::take_lease(t, &name, &holder, now_ms, until_ms))
+            .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |t, _| media::release_lease(t, &name, &holder))
+            .await
+    }
+
+    async fn forget_expired_leases(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.write(move |t, _| media::forget_expired_leases(t, now_ms))
+            .await
+    }
+
     async fn publish_keys(
         &self,
         device: DeviceId,

@@ -180,6 +180,18 @@ const MIGRATIONS: &[&str] = &[
     UPDATE conversations SET id = (user_lo << 32) | user_hi WHERE kind = 0;
     DROP TABLE conv_renumber;
     "#,
+    // 6: resumable uploads whose bytes are staged outside the node (how many are durable and
+    //    how they are staged, in the row), and leases: exclusion between the processes
+    //    sharing the store (an upload's writer, an object's publication, garbage collection).
+    r#"
+    ALTER TABLE uploads ADD COLUMN received INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE uploads ADD COLUMN staging BLOB;
+    CREATE TABLE leases (
+        name        TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        until_ms    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Brings the database to the latest schema.
