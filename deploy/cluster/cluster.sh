@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # A three-node tern cluster on one machine: three ternd processes on the local PostgreSQL,
-# Redis and NATS, behind nginx on 127.0.0.1:7070 (the address the `tern` CLI uses by default).
+# Redis and NATS, with media in an S3 bucket, behind nginx on 127.0.0.1:7070 (the address the
+# `tern` CLI uses by default).
 #
 #   deploy/cluster/cluster.sh start     build ternd, migrate, start the nodes and nginx
 #   deploy/cluster/cluster.sh status    each node's readiness and connections
 #   deploy/cluster/cluster.sh kill N    SIGKILL node N (0, 1 or 2), to watch its clients move
-#   deploy/cluster/cluster.sh stop      stop nginx and the nodes
+#   deploy/cluster/cluster.sh stop      stop nginx, the nodes and the local S3 server
 #
 # Settings (environment): TERN_CLUSTER_POSTGRES (default postgres://root@127.0.0.1:5432/test),
 # TERN_CLUSTER_SCHEMA (tern_cluster), TERN_CLUSTER_REDIS (redis://127.0.0.1:6379),
 # TERN_CLUSTER_NATS (nats://127.0.0.1:4222), TERN_CLUSTER_PORT (7070), and TERN_CLUSTER_SET:
 # more `key=value` settings for every node, separated by spaces (e.g. raised rate limits for
-# tern-bench). Logs, pids and data directories live in target/cluster/.
+# tern-bench). Media: TERN_CLUSTER_S3_ENDPOINT and TERN_CLUSTER_S3_BUCKET name an existing
+# S3-compatible bucket (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); without
+# them the script starts a local S3-compatible server (moto, in memory, installed in target/py
+# from .ci/requirements-test.txt) on port 7074 with bucket tern-cluster: media is gone when it
+# stops. Logs, pids and data directories live in target/cluster/.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -21,6 +26,9 @@ schema=${TERN_CLUSTER_SCHEMA:-tern_cluster}
 redis=${TERN_CLUSTER_REDIS:-redis://127.0.0.1:6379}
 nats=${TERN_CLUSTER_NATS:-nats://127.0.0.1:4222}
 port=${TERN_CLUSTER_PORT:-7070}
+s3_endpoint=${TERN_CLUSTER_S3_ENDPOINT:-}
+s3_bucket=${TERN_CLUSTER_S3_BUCKET:-tern-cluster}
+s3_port=$((port + 4))
 nodes=3
 ternd="$root/target/release/ternd"
 
@@ -36,7 +44,15 @@ settings() {
         --set "cluster.redis_url=\"$redis\"" \
         --set "cluster.nats_url=\"$nats\"" \
         --set "cluster.prefix=\"$schema\"" \
-        --set connections.max_per_address=0
+        --set connections.max_per_address=0 \
+        --set media.backend=s3 \
+        --set "media.s3.bucket=\"$s3_bucket\"" \
+        --set "media.s3.endpoint=\"${s3_endpoint:-http://127.0.0.1:$s3_port}\"" \
+        --set "media.s3.allow_http=true"
+    if [ -z "$s3_endpoint" ]; then
+        # moto takes any credentials; a real bucket gets them from the AWS_* environment.
+        printf '%s\n' --set 'media.s3.access_key_id="cluster"' --set 'media.s3.secret_access_key="cluster"'
+    fi
     local extra
     for extra in ${TERN_CLUSTER_SET:-}; do
         printf '%s\n' --set "$extra"
@@ -71,7 +87,8 @@ start() {
             exit 1
         fi
     fi
-    (cd "$root" && cargo build --release -p tern-server --bin ternd)
+    (cd "$root" && cargo build --release -p tern-server --features s3 --bin ternd)
+    if [ -z "$s3_endpoint" ]; then start_moto; fi
     mapfile -t common < <(settings 0)
     "$ternd" migrate --data-dir "$state/n0" "${common[@]}"
     local servers=""
@@ -106,6 +123,23 @@ EOF
     echo "cluster up: http://127.0.0.1:$port (nginx) → n0 :$(node_port 0), n1 :$(node_port 1), n2 :$(node_port 2)"
 }
 
+# The local S3-compatible server, when no bucket is named.
+start_moto() {
+    if running "$state/moto.pid"; then return 0; fi
+    if [ ! -x "$root/target/py/bin/moto_server" ]; then
+        python3 -m venv "$root/target/py"
+        "$root/target/py/bin/pip" install --quiet --disable-pip-version-check \
+            -r "$root/.ci/requirements-test.txt"
+    fi
+    "$root/target/py/bin/moto_server" -H 127.0.0.1 -p "$s3_port" >"$state/moto.log" 2>&1 &
+    echo $! >"$state/moto.pid"
+    for _ in $(seq 100); do
+        curl -fsS "http://127.0.0.1:$s3_port/" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -fsS -X PUT "http://127.0.0.1:$s3_port/$s3_bucket" >/dev/null
+}
+
 status() {
     for i in $(seq 0 $((nodes - 1))); do
         local p ready conns
@@ -119,6 +153,9 @@ status() {
         fi
     done
     if running "$state/nginx.pid"; then echo "nginx :$port running"; else echo "nginx :$port stopped"; fi
+    if [ -z "$s3_endpoint" ]; then
+        if running "$state/moto.pid"; then echo "s3 (moto) :$s3_port running"; else echo "s3 (moto) :$s3_port stopped"; fi
+    fi
 }
 
 stop() {
@@ -126,6 +163,13 @@ stop() {
     for i in $(seq 0 $((nodes - 1))); do
         if running "$state/n$i.pid"; then kill -TERM "$(cat "$state/n$i.pid")"; fi
     done
+    for _ in $(seq 50); do
+        local up=0
+        for i in $(seq 0 $((nodes - 1))); do running "$state/n$i.pid" && up=1; done
+        [ "$up" = 0 ] && break
+        sleep 0.1
+    done
+    if running "$state/moto.pid"; then kill -TERM "$(cat "$state/moto.pid")"; fi
     for f in "$state"/*.pid; do
         [ -e "$f" ] || continue
         for _ in $(seq 50); do running "$f" || break; sleep 0.1; done
@@ -144,7 +188,7 @@ case "${1:-}" in
         echo "node n$i killed"
         ;;
     *)
-        sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -597,14 +597,18 @@ mod tests {
 
     #[test]
     fn cluster_settings_are_checked() {
-        let pg =
-            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://db/tern\"\n";
+        let s3 = "[media]\nbackend = \"s3\"\n[media.s3]\nbucket = \"tern\"\n";
+        let pg = format!(
+            "{s3}[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://db/tern\"\n"
+        );
         let ok = Config::from_toml(&format!("{pg}[cluster]\nenabled = true\nnode_id = \"a-1\""))
             .expect("parses");
-        assert!(ok.validate().is_ok());
+        assert!(ok.validate().is_ok(), "{:?}", ok.validate());
         for bad in [
             // the nodes must share a database
-            "[cluster]\nenabled = true".to_owned(),
+            format!("{s3}[cluster]\nenabled = true"),
+            // and its objects and uploads
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://db/tern\"\n[cluster]\nenabled = true".to_owned(),
             format!("{pg}[cluster]\nenabled = true\nnode_id = \"a.b\""),
             format!("{pg}[cluster]\nenabled = true\nprefix = \"\""),
             format!("{pg}[cluster]\nenabled = true\nredis_url = \"\""),

@@ -388,3 +388,126 @@ async fn rate_limits_are_shared_by_the_nodes() {
     );
     assert_eq!(register(&b, "fourth").await.0, 429);
 }
+
+/// Media in a cluster: an upload begun through one node resumes through the other, whose
+/// offset it sees (the staged parts, the tail and the running hash are in the bucket and the
+/// upload's row, not in a node); both nodes serve the object; one writer at a time whichever
+/// node it reached; garbage collection runs on one node at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_resumes_through_another_node_and_gc_runs_once() {
+    use common::media::{Api, blob, id_of};
+    use reqwest::StatusCode;
+    let Some(cluster) = TestCluster::start("cluster", 2, quiet_recheck).await else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let on_a = Api::new(a, "alice").await;
+    let on_b = on_a.at(b.url());
+    // Two whole parts and a tail.
+    let bytes = blob((11 << 20) + 123, 9);
+    let id = id_of(&bytes);
+    let path = on_a.create(bytes.len(), Some(&id)).await;
+
+    // Node a takes 6 MiB (a part and a tail), then a request cut off after 1 MiB more.
+    let first = 6 << 20;
+    assert_eq!(
+        on_a.patch(&path, 0, bytes[..first].to_vec()).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let cut = first + (1 << 20);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(bytes[first..cut].to_vec()),
+        Err(std::io::Error::other("the node's client went away")),
+    ];
+    let r = on_a
+        .tus(reqwest::Method::PATCH, &path)
+        .header("Content-Type", "application/offset+octet-stream")
+        .header("Upload-Offset", first.to_string())
+        .header("Content-Length", (bytes.len() - first).to_string())
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await;
+    assert!(r.is_err() || !r.expect("response").status().is_success());
+    let mut offset = 0;
+    for _ in 0..100 {
+        offset = on_b.offset(&path).await.1;
+        if offset == cut as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(offset, cut as u64, "node b sees what node a received");
+
+    // While a request holds the upload on node a, node b refuses a second writer.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Vec<u8>, std::io::Error>>();
+    tx.send(Ok(bytes[cut..cut + 1000].to_vec()))
+        .expect("first piece");
+    let slow = {
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|piece| (piece, rx))
+        });
+        let req = on_a
+            .tus(reqwest::Method::PATCH, &path)
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", cut.to_string())
+            .body(reqwest::Body::wrap_stream(body));
+        tokio::spawn(async move { req.send().await })
+    };
+    let lease = format!("u:{}", path.rsplit('/').next().expect("upload id"));
+    let mut held = false;
+    for _ in 0..250 {
+        let now = tern_server::services::Clock::now_ms(&tern_server::services::SystemClock);
+        if !a
+            .state
+            .store
+            .take_lease(&lease, "probe", now, now)
+            .await
+            .expect("probe")
+        {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held, "node a's request took the upload");
+    let r = on_b.patch(&path, cut, bytes[cut..cut + 10].to_vec()).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CONFLICT,
+        "a second writer, on node b"
+    );
+    drop(tx);
+    let r = slow.await.expect("join").expect("slow patch");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let offset = on_b.offset(&path).await.1 as usize;
+    assert_eq!(offset, cut + 1000);
+
+    // Node b finishes it; both nodes serve the object.
+    let r = on_b.patch(&path, offset, bytes[offset..].to_vec()).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(r.headers()["tern-media-id"], id.as_str());
+    for api in [&on_a, &on_b] {
+        let got = api.get(&id, &[]).await;
+        assert_eq!(got.status(), StatusCode::OK);
+        assert!(got.bytes().await.expect("body").as_ref() == bytes.as_slice());
+    }
+
+    // Garbage collection: while a holds the lease, b's pass does nothing.
+    let store = &a.state.store;
+    let now = tern_server::services::Clock::now_ms(&tern_server::services::SystemClock);
+    assert!(
+        store
+            .take_lease("gc", "test", now, now + 60_000)
+            .await
+            .expect("lease")
+    );
+    let later = now + 31 * 86_400_000;
+    let report = b.state.media.collect_garbage(later).await.expect("gc");
+    assert!(report.skipped && report.objects == 0, "{report:?}");
+    store.release_lease("gc", "test").await.expect("release");
+    let report = b.state.media.collect_garbage(later).await.expect("gc");
+    assert_eq!((report.skipped, report.objects), (false, 1));
+    assert_eq!(on_a.head(&id).await, StatusCode::NOT_FOUND);
+}

@@ -188,3 +188,104 @@ async fn a_node_killed_under_load_loses_nothing_and_its_clients_move_on() {
         }
     }
 }
+
+/// A node is killed in the middle of an upload: the client (which knows only nginx) finds
+/// the offset through another node — every whole part the dead node had recorded — and
+/// finishes there once the dead node's lease on the upload has expired (retrying its 409s,
+/// as tus clients do); the object is whole, and any node serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_upload_the_upload_resumes_through_another() {
+    use common::media::{Api, blob, id_of};
+    use reqwest::StatusCode;
+    if Nginx::binary().is_none() && ClusterEnv::from_env("failover").is_some() {
+        panic!("nginx is not installed: .ci/run installs it");
+    }
+    let Some(mut cluster) = ProcessCluster::start("failover", 3, &[]) else {
+        return;
+    };
+    let (_, _, token) = http_for(cluster.nginx.addr).account("alice").await;
+    let api = Api {
+        base: cluster.nginx.url(),
+        token,
+        http: client(),
+    };
+    let part = 5 << 20;
+    let bytes = blob((12 << 20) + 77, 5);
+    let id = id_of(&bytes);
+    let path = api.create(bytes.len(), Some(&id)).await;
+
+    // 7 MiB through nginx, and the request left open.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Vec<u8>, std::io::Error>>();
+    for piece in bytes[..7 << 20].chunks(1 << 20) {
+        tx.send(Ok(piece.to_vec())).expect("piece");
+    }
+    let open = {
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|piece| (piece, rx))
+        });
+        let req = api
+            .tus(reqwest::Method::PATCH, &path)
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", "0")
+            .body(reqwest::Body::wrap_stream(body));
+        tokio::spawn(async move { req.send().await })
+    };
+    // Its first part is recorded; the node writing it is the one to kill.
+    let mut offset = 0;
+    for _ in 0..500 {
+        offset = api.offset(&path).await.1;
+        if offset > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(offset, part as u64, "one whole part recorded");
+    let mut writer = None;
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let addr = node.as_ref().expect("running").addr;
+        let (_, text) = http_for(addr).get_text("/metrics").await;
+        if text.lines().any(|l| l == "tern_media_upload_writers 1") {
+            writer = Some(i);
+        }
+    }
+    let writer = writer.expect("a node is writing the upload");
+    cluster.kill(writer);
+    drop(tx);
+    let cut_off = open.await.expect("join");
+    assert!(cut_off.is_err() || !cut_off.expect("answer").status().is_success());
+
+    // Through nginx, to the survivors: the offset is the recorded part.
+    let mut head = api.offset(&path).await;
+    for _ in 0..10 {
+        if head.0 != StatusCode::BAD_GATEWAY {
+            break;
+        }
+        head = api.offset(&path).await;
+    }
+    assert_eq!(head, (StatusCode::OK, part as u64));
+    let started = std::time::Instant::now();
+    let done = loop {
+        let r = api.patch(&path, part, bytes[part..].to_vec()).await;
+        match r.status() {
+            StatusCode::NO_CONTENT => break r,
+            // The dead node's lease on the upload, until it expires; nginx answering 502 for
+            // the dead node until it marks it failed. tus clients retry both.
+            StatusCode::CONFLICT | StatusCode::BAD_GATEWAY
+                if started.elapsed() < Duration::from_secs(60) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => panic!("resume: {other} after {:?}", started.elapsed()),
+        }
+    };
+    assert_eq!(done.headers()["tern-media-id"], id.as_str());
+    eprintln!(
+        "resumed {:?} after the kill (the lease's expiry)",
+        started.elapsed()
+    );
+    for node in cluster.nodes.iter().flatten() {
+        let got = api.at(format!("http://{}", node.addr)).get(&id, &[]).await;
+        assert_eq!(got.status(), StatusCode::OK);
+        assert!(got.bytes().await.expect("body").as_ref() == bytes.as_slice());
+    }
+}

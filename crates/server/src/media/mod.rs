@@ -121,6 +121,46 @@ fn busy() -> ApiError {
     )
 }
 
+/// Most of a refused request's body read and dropped before the answer goes out.
+const DRAIN_BYTES: usize = 8 << 20;
+/// The longest a refused request's body is read for.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads what is left of a refused request's body, within bounds, before the answer: a server
+/// that closes a connection with unread bytes resets it, and the client (or the proxy in
+/// front, which then answers 502) sees the reset instead of the answer.
+async fn drain<S, E>(body: &mut S)
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len();
+            if read > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Counts a request writing upload bytes (`tern_media_upload_writers`) while it lives.
+struct Writing;
+
+impl Writing {
+    fn new() -> Writing {
+        metrics::gauge!("tern_media_upload_writers").increment(1.0);
+        Writing
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        metrics::gauge!("tern_media_upload_writers").decrement(1.0);
+    }
+}
+
 impl Media {
     pub fn new(
         store: Arc<dyn Store>,
@@ -337,7 +377,28 @@ impl Media {
         user: u64,
         id: &str,
         offset: u64,
-        mut body: S,
+        body: S,
+        checksum: Option<Checksum>,
+    ) -> Result<Appended, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        // Fused: the drain must not poll a body that has already ended.
+        let mut body = body.fuse();
+        let result = self.append_to(user, id, offset, &mut body, checksum).await;
+        if result.is_err() {
+            drain(&mut body).await;
+        }
+        result
+    }
+
+    async fn append_to<S, E>(
+        &self,
+        user: u64,
+        id: &str,
+        offset: u64,
+        body: &mut S,
         checksum: Option<Checksum>,
     ) -> Result<Appended, ApiError>
     where
@@ -352,6 +413,7 @@ impl Media {
             )
         })?;
         let lease = self.upload_lease(id).await?.ok_or_else(busy)?;
+        let _writing = Writing::new();
         // Read again under the lease: the previous writer may have moved it.
         let (up, current) = self.upload(user, id).await?;
         if up.media.is_some() {

@@ -7,6 +7,7 @@
 //! and the schema is dropped once nothing uses the directory any more (see [`PgSchema`]).
 #![allow(dead_code)]
 
+pub mod media;
 pub mod sdk;
 
 use std::collections::HashMap;
@@ -766,13 +767,16 @@ pub async fn s3_bucket(name: &str) -> Option<tern_server::config::S3Config> {
     })
 }
 
-/// Redis and NATS for cluster tests: `TERN_TEST_REDIS` and `TERN_TEST_NATS` (URLs), beside
-/// `TERN_TEST_POSTGRES`; `.ci/run` sets all three. The keys and subjects of one test live
-/// under a prefix of its own; its Redis keys are deleted when it is dropped.
+/// Redis, NATS and S3 for cluster tests: `TERN_TEST_REDIS`, `TERN_TEST_NATS` (URLs) and
+/// `TERN_TEST_S3_ENDPOINT` (an S3-compatible server taking unsigned bucket creation, as moto
+/// does), beside `TERN_TEST_POSTGRES`, in a build with `--features s3`; `.ci/run` sets them all.
+/// The keys, subjects and bucket of one test are its own; its Redis keys are deleted when it
+/// is dropped.
 pub struct ClusterEnv {
     pub redis: String,
     pub nats: String,
     pub prefix: String,
+    pub s3: tern_server::config::S3Config,
 }
 
 impl ClusterEnv {
@@ -784,11 +788,16 @@ impl ClusterEnv {
             postgres_url(),
             var("TERN_TEST_REDIS"),
             var("TERN_TEST_NATS"),
+            var("TERN_TEST_S3_ENDPOINT").filter(|_| cfg!(feature = "s3")),
         ) {
-            (Some(_), Some(redis), Some(nats)) => Some(ClusterEnv::on(redis, nats)),
+            (Some(_), Some(redis), Some(nats), Some(s3)) => Some(ClusterEnv::on(redis, nats, s3)),
+            // Redis and NATS named: cluster tests were asked for, and must not skip silently.
+            (Some(_), Some(_), Some(_), None) => panic!(
+                "{test}: cluster mode keeps media on S3: set TERN_TEST_S3_ENDPOINT and build with --features s3"
+            ),
             _ => {
                 eprintln!(
-                    "skipped {test}: cluster tests need TERN_TEST_POSTGRES, TERN_TEST_REDIS and TERN_TEST_NATS (.ci/run sets them)"
+                    "skipped {test}: cluster tests need TERN_TEST_POSTGRES, TERN_TEST_REDIS, TERN_TEST_NATS and TERN_TEST_S3_ENDPOINT, and --features s3 (.ci/run sets them)"
                 );
                 None
             }
@@ -797,15 +806,22 @@ impl ClusterEnv {
 
     /// A test's own Redis and NATS (see [`Service`]), under the same condition as `from_env`.
     pub fn private(test: &str, redis: &Service, nats: &Service) -> Option<ClusterEnv> {
-        ClusterEnv::from_env(test)?;
-        Some(ClusterEnv::on(redis.url(), nats.url()))
+        let shared = ClusterEnv::from_env(test)?;
+        Some(ClusterEnv {
+            redis: redis.url(),
+            nats: nats.url(),
+            prefix: shared.prefix.clone(),
+            s3: shared.s3.clone(),
+        })
     }
 
-    fn on(redis: String, nats: String) -> ClusterEnv {
+    fn on(redis: String, nats: String, s3_endpoint: String) -> ClusterEnv {
+        let prefix = format!("t{:016x}", rand::random::<u64>());
         ClusterEnv {
+            s3: create_bucket(&s3_endpoint, &prefix),
             redis,
             nats,
-            prefix: format!("t{:016x}", rand::random::<u64>()),
+            prefix,
         }
     }
 
@@ -817,6 +833,57 @@ impl ClusterEnv {
         c.redis_url = self.redis.clone();
         c.nats_url = self.nats.clone();
         c.prefix = self.prefix.clone();
+        config.media.backend = tern_server::config::BlobBackend::S3;
+        config.media.s3 = self.s3.clone();
+    }
+
+    /// The same, as `ternd --set` settings.
+    pub fn settings(&self, node: &str) -> Vec<String> {
+        let s3 = &self.s3;
+        vec![
+            "cluster.enabled=true".to_owned(),
+            format!("cluster.node_id=\"{node}\""),
+            format!("cluster.redis_url=\"{}\"", self.redis),
+            format!("cluster.nats_url=\"{}\"", self.nats),
+            format!("cluster.prefix=\"{}\"", self.prefix),
+            "media.backend=\"s3\"".to_owned(),
+            format!("media.s3.bucket=\"{}\"", s3.bucket),
+            format!("media.s3.endpoint=\"{}\"", s3.endpoint),
+            format!("media.s3.region=\"{}\"", s3.region),
+            format!("media.s3.access_key_id=\"{}\"", s3.access_key_id),
+            format!("media.s3.secret_access_key=\"{}\"", s3.secret_access_key),
+            "media.s3.allow_http=true".to_owned(),
+        ]
+    }
+}
+
+/// Creates bucket `name` on the S3-compatible server at `endpoint` (`http://host:port`) with
+/// one unsigned request.
+fn create_bucket(endpoint: &str, name: &str) -> tern_server::config::S3Config {
+    use std::io::{Read, Write};
+    let host = endpoint
+        .strip_prefix("http://")
+        .expect("TERN_TEST_S3_ENDPOINT is an http:// URL")
+        .trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(host).expect("connect to the S3 endpoint");
+    write!(
+        conn,
+        "PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("create bucket");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("bucket answer");
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "create bucket: {answer}"
+    );
+    tern_server::config::S3Config {
+        bucket: name.to_owned(),
+        region: "us-east-1".into(),
+        endpoint: endpoint.trim_end_matches('/').to_owned(),
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        allow_http: true,
     }
 }
 
@@ -1068,13 +1135,7 @@ impl ProcessCluster {
         let mut nodes = Vec::new();
         for (i, dir) in dirs.iter().enumerate() {
             let mut all: Vec<String> = LIFTED.iter().map(|s| s.to_string()).collect();
-            all.extend([
-                "cluster.enabled=true".to_owned(),
-                format!("cluster.node_id=\"n{i}\""),
-                format!("cluster.redis_url=\"{}\"", env.redis),
-                format!("cluster.nats_url=\"{}\"", env.nats),
-                format!("cluster.prefix=\"{}\"", env.prefix),
-            ]);
+            all.extend(env.settings(&format!("n{i}")));
             all.extend(settings.iter().map(|s| s.to_string()));
             let refs: Vec<&str> = all.iter().map(String::as_str).collect();
             nodes.push(Some(spawn_ternd_with(dir.path(), "info", None, &refs)));
