@@ -45,6 +45,7 @@ settings() {
         --set "cluster.nats_url=\"$nats\"" \
         --set "cluster.prefix=\"$schema\"" \
         --set connections.max_per_address=0 \
+        --set 'connections.trusted_proxies=["127.0.0.1"]' \
         --set media.backend=s3 \
         --set "media.s3.bucket=\"$s3_bucket\"" \
         --set "media.s3.endpoint=\"${s3_endpoint:-http://127.0.0.1:$s3_port}\"" \

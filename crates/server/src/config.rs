@@ -112,6 +112,11 @@ pub struct ConnectionLimits {
     /// Open connections from one IPv4 address or one IPv6 /64; 0: no limit. Behind a proxy
     /// every connection comes from the proxy: limit there and set 0 here.
     pub max_per_address: usize,
+    /// Proxies in front (addresses or networks, e.g. `["127.0.0.1", "10.0.0.0/8"]`) whose
+    /// `X-Forwarded-For` names the client for the per-address rate limits: the rightmost
+    /// entry that is not itself one of them. Empty (the default): the peer is the client, and
+    /// the header is ignored.
+    pub trusted_proxies: Vec<String>,
     /// Seconds a client has to send a request's headers (also between keep-alive requests).
     pub header_timeout_secs: u64,
     /// Seconds an API request may take, its body included (media transfers excepted).
@@ -125,6 +130,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             max_total: 0,
             max_per_address: 256,
+            trusted_proxies: Vec::new(),
             header_timeout_secs: 10,
             request_timeout_secs: 30,
             body_idle_secs: 30,
@@ -485,6 +491,14 @@ impl Config {
                 "connections.header_timeout_secs, request_timeout_secs and body_idle_secs must be positive",
             );
         }
+        if c.trusted_proxies.len() > 64 {
+            return bad("connections.trusted_proxies holds at most 64 entries");
+        }
+        if let Err(e) = crate::net::TrustedProxies::parse(&c.trusted_proxies) {
+            return Err(ConfigError::Invalid(format!(
+                "connections.trusted_proxies: {e}"
+            )));
+        }
         if self.rate_limits.sends_per_second > 0 && self.rate_limits.send_burst == 0 {
             return bad("rate_limits.send_burst must be positive when sends are limited");
         }
@@ -630,6 +644,20 @@ mod tests {
             .cluster
         );
         assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_checked() {
+        let c = Config::from_toml(
+            "[connections]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\"]",
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        for bad in ["[\"localhost\"]", "[\"10.0.0.0/33\"]", "[\"\"]"] {
+            let c = Config::from_toml(&format!("[connections]\ntrusted_proxies = {bad}"))
+                .expect("parses");
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -19,6 +19,11 @@
 //! - a connection can be reset (`SO_LINGER` 0) instead of closed: a slow consumer whose
 //!   buffers are full would otherwise keep its kernel buffers and half-sent frames for minutes
 //!   ([`ConnControl`]).
+//!
+//! Behind a proxy every connection comes from the proxy. For the per-address rate limits the
+//! HTTP handlers see [`ClientAddr`]: the peer, or, when the peer is one of
+//! `connections.trusted_proxies`, the client it names in `X-Forwarded-For` ([`TrustedProxies`]).
+//! The connection bounds above stay on the peer: the proxy limits connections per client.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -294,6 +299,68 @@ fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12))
 }
 
+/// The address a request comes from, as the rate limits see it: the TCP peer, or the client a
+/// trusted proxy forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+/// The proxies whose `X-Forwarded-For` is believed (`connections.trusted_proxies`).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+/// The most `X-Forwarded-For` entries looked at, right to left.
+const MAX_FORWARDED_HOPS: usize = 16;
+
+impl TrustedProxies {
+    /// Addresses (`10.0.0.7`, `::1`) or networks (`10.0.0.0/8`).
+    pub fn parse(list: &[String]) -> Result<TrustedProxies, String> {
+        list.iter()
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("{s:?} is neither an IP address nor a network"))
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client of a request from `peer`. From a trusted proxy: the rightmost
+    /// `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its left were
+    /// written by the client and prove nothing); the nearest trusted hop when an entry does
+    /// not parse; the peer when there is no header.
+    pub fn client(&self, peer: IpAddr, headers: &hyper::HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let mut hops = Vec::new();
+        for value in headers.get_all("x-forwarded-for").iter() {
+            let Ok(value) = value.to_str() else {
+                return peer;
+            };
+            hops.extend(value.split(','));
+        }
+        let mut client = peer;
+        for hop in hops.iter().rev().take(MAX_FORWARDED_HOPS) {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip.to_canonical();
+                    if !self.trusts(client) {
+                        return client;
+                    }
+                }
+                Err(_) => return client,
+            }
+        }
+        client
+    }
+}
+
 /// The answer to a refused connection, written without waiting (a full socket gets nothing).
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 5\r\nconnection: close\r\ncontent-length: 99\r\n\r\n{\"error\":{\"code\":\"unavailable\",\"message\":\"too many connections; retry later\",\"retry_after_secs\":5}}";
 
@@ -308,6 +375,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let header_timeout = Duration::from_secs(limits.header_timeout_secs);
+    let proxies = Arc::new(
+        TrustedProxies::parse(&limits.trusted_proxies).unwrap_or_else(|e| {
+            // `Config::validate` refuses this before the listener starts.
+            tracing::error!(error = %e, "connections.trusted_proxies ignored");
+            TrustedProxies::default()
+        }),
+    );
     let tasks = TaskTracker::new();
     let mut refused_log = Throttled::new(Duration::from_secs(10));
     let mut backoff = Duration::ZERO;
@@ -372,8 +446,11 @@ pub async fn serve(
             _permit: permit,
         });
         let app = app.clone();
+        let proxies = proxies.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            let client = proxies.client(peer.ip(), req.headers());
             req.extensions_mut().insert(ConnectInfo(peer));
+            req.extensions_mut().insert(ClientAddr(client));
             req.extensions_mut().insert(control.clone());
             let mut app = app.clone();
             async move {
@@ -415,6 +492,53 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn forwarded(values: &[&str]) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().expect("header"));
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_behind_a_trusted_proxy() {
+        let proxies =
+            TrustedProxies::parse(&["127.0.0.1".into(), "10.0.0.0/8".into()]).expect("parses");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let proxy = ip("127.0.0.1");
+        // No header, or a peer that is not trusted: the peer.
+        assert_eq!(proxies.client(proxy, &forwarded(&[])), proxy);
+        let stranger = ip("198.51.100.9");
+        assert_eq!(
+            proxies.client(stranger, &forwarded(&["203.0.113.5"])),
+            stranger,
+            "a header from an untrusted peer is ignored"
+        );
+        // The rightmost entry that is not a trusted proxy; what the client wrote to its left
+        // proves nothing.
+        assert_eq!(
+            proxies.client(proxy, &forwarded(&["1.1.1.1, 203.0.113.5"])),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            proxies.client(proxy, &forwarded(&["1.1.1.1", "203.0.113.5, 10.1.2.3"])),
+            ip("203.0.113.5"),
+            "through two proxies, over two headers"
+        );
+        assert_eq!(
+            proxies.client(proxy, &forwarded(&["junk, 10.1.2.3"])),
+            ip("10.1.2.3"),
+            "an entry that does not parse: the nearest trusted hop"
+        );
+        assert_eq!(
+            proxies.client(ip("::ffff:127.0.0.1"), &forwarded(&["2001:db8::1"])),
+            ip("2001:db8::1"),
+            "an IPv4-mapped peer is its IPv4 address"
+        );
+        let none = TrustedProxies::default();
+        assert_eq!(none.client(proxy, &forwarded(&["203.0.113.5"])), proxy);
+    }
 
     #[test]
     fn addresses_are_counted_per_host() {

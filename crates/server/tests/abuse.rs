@@ -431,6 +431,52 @@ async fn signups_are_limited_per_address() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_signups_are_limited_per_forwarded_client() {
+    // 127.0.0.1 plays the proxy; 127.0.0.2 is a client reaching the node directly.
+    let srv = TestServer::start_with(|c| {
+        c.rate_limits.registrations_per_hour_per_address = 2;
+        c.connections.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let proxy = srv.http_from(lo(1));
+    let signup = |http: &Http, name: String, forwarded: &'static str| {
+        let request = http
+            .client
+            .post(format!("{}/v1/accounts", http.base))
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({"username": name, "password": "correct horse"}));
+        async move { request.send().await.expect("answer").status().as_u16() }
+    };
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        seen.push(signup(&proxy, format!("first{i}"), "203.0.113.5").await);
+    }
+    assert_eq!(
+        seen,
+        [201, 201, 429],
+        "two an hour for the forwarded client"
+    );
+    // Another client behind the same proxy, even one claiming the first's address to the
+    // left of its own (the proxy appends the address it saw).
+    assert_eq!(
+        signup(&proxy, "second0".into(), "203.0.113.5, 203.0.113.6").await,
+        201
+    );
+    assert_eq!(signup(&proxy, "second1".into(), "203.0.113.6").await, 201);
+    assert_eq!(signup(&proxy, "second2".into(), "203.0.113.6").await, 429);
+    // A peer that is not a trusted proxy cannot pick its address: its header is ignored.
+    let direct = srv.http_from(lo(2));
+    let mut seen = Vec::new();
+    for (i, forwarded) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+        .into_iter()
+        .enumerate()
+    {
+        seen.push(signup(&direct, format!("direct{i}"), forwarded).await);
+    }
+    assert_eq!(seen, [201, 201, 429], "counted against 127.0.0.2 itself");
+}
+
+#[tokio::test]
 async fn failing_on_purpose_does_not_lock_a_user_out() {
     let srv = TestServer::start_with(|c| {
         c.rate_limits.logins_per_minute_per_user_and_address = 3;

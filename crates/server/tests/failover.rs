@@ -289,3 +289,53 @@ async fn a_node_killed_mid_upload_the_upload_resumes_through_another() {
         assert!(got.bytes().await.expect("body").as_ref() == bytes.as_slice());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_the_limits_count_each_client_not_the_proxy() {
+    let Some(cluster) = ProcessCluster::start(
+        "failover",
+        2,
+        &["rate_limits.registrations_per_hour_per_address=2"],
+    ) else {
+        return;
+    };
+    let from = |x: u8| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, x]))
+            .build()
+            .expect("client")
+    };
+    let url = cluster.nginx.url();
+    let signup = |client: reqwest::Client, name: String| {
+        let url = url.clone();
+        async move {
+            client
+                .post(format!("{url}/v1/accounts"))
+                .json(&serde_json::json!({"username": name, "password": "correct horse"}))
+                .send()
+                .await
+                .expect("answer")
+                .status()
+                .as_u16()
+        }
+    };
+    // Round robin over two nodes: the count is shared, and it is 127.0.0.2's, not nginx's.
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        seen.push(signup(from(2), format!("first{i}")).await);
+    }
+    assert_eq!(seen, [201, 201, 429]);
+    let forged = from(2)
+        .post(format!("{url}/v1/accounts"))
+        .header("x-forwarded-for", "198.51.100.1")
+        .json(&serde_json::json!({"username": "first3", "password": "correct horse"}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(forged.status(), 429, "a forged header does not help");
+    assert_eq!(
+        signup(from(3), "second0".into()).await,
+        201,
+        "another client"
+    );
+}

@@ -1,10 +1,8 @@
 //! Accounts, sessions and the caller's own devices; the rules are in
 //! [`crate::services::accounts`].
 
-use std::net::SocketAddr;
-
 use axum::Json;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use tern_proto::http::{
     DevicesResponse, LoginRequest, LoginResponse, RegisterRequest, RegisterResponse,
@@ -13,27 +11,28 @@ use tern_proto::http::{
 use super::{ApiJson, Authed};
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::net::ClientAddr;
 
 pub async fn register(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let created = state
         .accounts
-        .register(&req.username, req.password, peer.ip())
+        .register(&req.username, req.password, client)
         .await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
 pub async fn login(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<(StatusCode, Json<LoginResponse>), ApiError> {
     let session = state
         .accounts
-        .login(&req.username, req.password, &req.device_name, peer.ip())
+        .login(&req.username, req.password, &req.device_name, client)
         .await?;
     Ok((StatusCode::CREATED, Json(session)))
 }

@@ -1136,6 +1136,8 @@ impl ProcessCluster {
         for (i, dir) in dirs.iter().enumerate() {
             let mut all: Vec<String> = LIFTED.iter().map(|s| s.to_string()).collect();
             all.extend(env.settings(&format!("n{i}")));
+            // nginx, on 127.0.0.1, names the client in X-Forwarded-For.
+            all.push("connections.trusted_proxies=[\"127.0.0.1\"]".to_owned());
             all.extend(settings.iter().map(|s| s.to_string()));
             let refs: Vec<&str> = all.iter().map(String::as_str).collect();
             nodes.push(Some(spawn_ternd_with(dir.path(), "info", None, &refs)));
