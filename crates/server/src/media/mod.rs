@@ -115,10 +115,13 @@ fn staging_error(e: StagingError) -> ApiError {
 }
 
 fn busy() -> ApiError {
-    ApiError::new(
-        ErrorCode::Conflict,
-        "another request is writing to this upload; retry",
-    )
+    ApiError {
+        retry_after: Some(Duration::from_secs(1)),
+        ..ApiError::new(
+            ErrorCode::Conflict,
+            "another request is writing to this upload; retry",
+        )
+    }
 }
 
 /// Most of a refused request's body read and dropped before the answer goes out.
@@ -406,12 +409,10 @@ impl Media {
         E: std::fmt::Display,
     {
         self.upload(user, id).await?;
-        let _permit = self.writers.try_acquire().map_err(|_| {
-            ApiError::new(
-                ErrorCode::Unavailable,
-                "too many uploads are being written to; retry",
-            )
-        })?;
+        let _permit = self
+            .writers
+            .try_acquire()
+            .map_err(|_| ApiError::busy("too many uploads are being written to; retry", 1))?;
         let lease = self.upload_lease(id).await?.ok_or_else(busy)?;
         let _writing = Writing::new();
         // Read again under the lease: the previous writer may have moved it.
