@@ -340,25 +340,38 @@ impl TrustedProxies {
         }
         let mut hops = Vec::new();
         for value in headers.get_all("x-forwarded-for").iter() {
-            let Ok(value) = value.to_str() else {
-                return peer;
-            };
-            hops.extend(value.split(','));
+            // Bytes, not text: a stray byte a client wrote must not hide what the proxy added.
+            hops.extend(value.as_bytes().split(|&b| b == b','));
         }
         let mut client = peer;
         for hop in hops.iter().rev().take(MAX_FORWARDED_HOPS) {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => {
+            match parse_hop(hop) {
+                Some(ip) => {
                     client = ip.to_canonical();
                     if !self.trusts(client) {
                         return client;
                     }
                 }
-                Err(_) => return client,
+                None => return client,
             }
         }
         client
     }
+}
+
+/// One `X-Forwarded-For` entry: `192.0.2.1`, `2001:db8::1`, and the same with a port
+/// (`192.0.2.1:4711`, `[2001:db8::1]:4711`), which some proxies add.
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    let (host, port) = hop.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// The answer to a refused connection, written without waiting (a full socket gets nothing).
@@ -535,6 +548,25 @@ mod tests {
             proxies.client(ip("::ffff:127.0.0.1"), &forwarded(&["2001:db8::1"])),
             ip("2001:db8::1"),
             "an IPv4-mapped peer is its IPv4 address"
+        );
+        assert_eq!(
+            proxies.client(proxy, &forwarded(&["192.0.2.7:4711"])),
+            ip("192.0.2.7"),
+            "with a port"
+        );
+        assert_eq!(
+            proxies.client(proxy, &forwarded(&["[2001:db8::2]:4711"])),
+            ip("2001:db8::2")
+        );
+        let mut raw = hyper::HeaderMap::new();
+        raw.append(
+            "x-forwarded-for",
+            hyper::header::HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.9").expect("header"),
+        );
+        assert_eq!(
+            proxies.client(proxy, &raw),
+            ip("203.0.113.9"),
+            "bytes a client wrote do not hide the proxy's entry"
         );
         let none = TrustedProxies::default();
         assert_eq!(none.client(proxy, &forwarded(&["203.0.113.5"])), proxy);

@@ -1,6 +1,7 @@
 //! The blob store conformance suite: what every `BlobStore` must do, run on the local file
 //! system always, on `object_store` (over its local file system) with the `s3` feature, and on a
 //! real S3-compatible server when `TERN_TEST_S3_ENDPOINT` names one (`.ci/run` starts one).
+//! Then the same for upload staging (`Staging`): on the node's disk, and in an S3 bucket.
 
 mod common;
 
@@ -86,4 +87,172 @@ async fn s3_blobs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let blobs = tern_server::media::s3::ObjectStoreBlobs::s3(&config).expect("s3");
     conformance(&blobs, dir.path()).await;
+}
+
+// --- upload staging ---
+
+use std::sync::Arc;
+
+use tern_server::media::Staging;
+use tern_server::media::lease::LeaseWatch;
+use tern_server::media::staging::Committed;
+use tern_store::{MediaLimits, NewUpload, Store};
+
+/// A store with one user, in `dir`.
+async fn upload_store(dir: &Path) -> (Arc<dyn Store>, u64) {
+    let store: Arc<dyn Store> = Arc::new(
+        tern_store::sqlite::SqliteStore::open(&dir.join("tern.db"), Default::default())
+            .expect("store"),
+    );
+    let user = store.create_user("alice", "hash", 1).await.expect("user");
+    (store, user)
+}
+
+async fn offset(staging: &dyn Staging, store: &dyn Store, id: &str) -> u64 {
+    let up = store.upload(id).await.expect("read").expect("upload");
+    staging.offset(&up).await.expect("offset")
+}
+
+/// Writes `data` at `at` in 1 MiB chunks through one appender and commits it.
+async fn append(
+    staging: &dyn Staging,
+    store: &dyn Store,
+    id: &str,
+    at: u64,
+    data: &[u8],
+) -> Committed {
+    let up = store.upload(id).await.expect("read").expect("upload");
+    let mut w = staging
+        .open(&up, at, false, LeaseWatch::default())
+        .await
+        .expect("open");
+    for chunk in data.chunks(1 << 20) {
+        w.write(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .expect("write");
+    }
+    w.commit().await.expect("commit")
+}
+
+/// What every staging must do: offsets are what was committed, and nothing else (aborted,
+/// atomic or dropped requests leave no trace); a complete upload hashes to its bytes and
+/// publishes them; and after a completion that used the bytes up, `recover` starts the upload
+/// over at 0 rather than leaving it stuck.
+async fn staging_conformance(
+    staging: &dyn Staging,
+    blobs: &dyn BlobStore,
+    store: &dyn Store,
+    user: u64,
+) {
+    use sha2::Digest;
+    // Two 5 MiB parts on S3 and a tail.
+    let data = bytes((11 << 20) + 5, 7);
+    let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+    let id = format!("up{:016x}", rand::random::<u64>());
+    staging.create(&id).await.expect("create");
+    store
+        .create_upload(
+            NewUpload {
+                id: id.clone(),
+                user,
+                length: data.len() as u64,
+                expected: None,
+                now_ms: 1,
+                expires_at_ms: i64::MAX / 2,
+            },
+            MediaLimits {
+                quota_bytes: 1 << 30,
+                max_uploads: 4,
+            },
+        )
+        .await
+        .expect("upload");
+    assert_eq!(offset(staging, store, &id).await, 0);
+
+    let first = 6 << 20;
+    assert!(matches!(
+        append(staging, store, &id, 0, &data[..first]).await,
+        Committed::Partial(n) if n == first as u64
+    ));
+    assert_eq!(offset(staging, store, &id).await, first as u64);
+
+    // An aborted atomic request, and one dropped mid-way, change nothing.
+    let up = store.upload(&id).await.expect("read").expect("upload");
+    let mut w = staging
+        .open(&up, first as u64, true, LeaseWatch::default())
+        .await
+        .expect("open");
+    w.write(bytes::Bytes::copy_from_slice(
+        &data[first..first + (5 << 20)],
+    ))
+    .await
+    .expect("write");
+    w.abort().await;
+    assert_eq!(offset(staging, store, &id).await, first as u64, "aborted");
+    let mut w = staging
+        .open(&up, first as u64, false, LeaseWatch::default())
+        .await
+        .expect("open");
+    w.write(bytes::Bytes::copy_from_slice(&data[first..first + 100]))
+        .await
+        .expect("write");
+    drop(w);
+    assert_eq!(offset(staging, store, &id).await, first as u64, "dropped");
+
+    // The rest completes it.
+    let Committed::Complete {
+        digest: got,
+        staged,
+    } = append(staging, store, &id, first as u64, &data[first..]).await
+    else {
+        panic!("complete");
+    };
+    assert_eq!(got, digest);
+    // Completion failing before the bytes are used: the upload stays where it was.
+    let up = store.upload(&id).await.expect("read").expect("upload");
+    staging.recover(&up, false).await.expect("recover");
+    staged.publish(&digest).await.expect("publish");
+    assert_eq!(read(blobs, &digest, 0..data.len() as u64).await, data);
+
+    // Recording the object failed after publishing: the upload starts over, and completes.
+    let up = store.upload(&id).await.expect("read").expect("upload");
+    staging.recover(&up, true).await.expect("recover");
+    assert_eq!(offset(staging, store, &id).await, 0, "starts over");
+    let Committed::Complete {
+        digest: again,
+        staged,
+    } = append(staging, store, &id, 0, &data).await
+    else {
+        panic!("complete again");
+    };
+    assert_eq!(again, digest);
+    staged.discard().await;
+    let up = store.upload(&id).await.expect("read").expect("upload");
+    staging.discard(&up).await;
+    blobs.delete(&digest).await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_staging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, user) = upload_store(dir.path()).await;
+    let blobs: Arc<dyn BlobStore> =
+        Arc::new(FsBlobs::new(dir.path().join("media")).expect("blobs"));
+    let staging = tern_server::media::FileStaging::new(dir.path().join("uploads"), blobs.clone())
+        .expect("staging");
+    staging_conformance(&staging, &*blobs, &*store, user).await;
+}
+
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_part_staging() {
+    let Some(config) = common::s3_bucket("staging").await else {
+        eprintln!("TERN_TEST_S3_ENDPOINT is not set: skipping S3 staging");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, user) = upload_store(dir.path()).await;
+    let blobs = tern_server::media::s3::ObjectStoreBlobs::s3(&config).expect("s3");
+    let staging = blobs.staging(store.clone()).expect("multipart staging");
+    staging_conformance(&staging, &blobs, &*store, user).await;
 }

@@ -440,7 +440,27 @@ async fn an_upload_resumes_through_another_node_and_gc_runs_once() {
     }
     assert_eq!(offset, cut as u64, "node b sees what node a received");
 
-    // While a request holds the upload on node a, node b refuses a second writer.
+    // While a request holds the upload on node a, node b refuses a second writer. (First, the
+    // cut-off request's lease is given up: it is released just after its offset is recorded.)
+    let lease = format!("u:{}", path.rsplit('/').next().expect("upload id"));
+    // Whether nobody holds `name`: the probe takes it already expired, so that it never
+    // stands in anyone's way.
+    let lease_is_free = |name: &str| {
+        let (store, name) = (a.state.store.clone(), name.to_owned());
+        async move {
+            let now = tern_server::services::Clock::now_ms(&tern_server::services::SystemClock);
+            store
+                .take_lease(&name, "probe", now, now - 60_000)
+                .await
+                .expect("probe")
+        }
+    };
+    for _ in 0..250 {
+        if lease_is_free(&lease).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Vec<u8>, std::io::Error>>();
     tx.send(Ok(bytes[cut..cut + 1000].to_vec()))
         .expect("first piece");
@@ -455,17 +475,9 @@ async fn an_upload_resumes_through_another_node_and_gc_runs_once() {
             .body(reqwest::Body::wrap_stream(body));
         tokio::spawn(async move { req.send().await })
     };
-    let lease = format!("u:{}", path.rsplit('/').next().expect("upload id"));
     let mut held = false;
     for _ in 0..250 {
-        let now = tern_server::services::Clock::now_ms(&tern_server::services::SystemClock);
-        if !a
-            .state
-            .store
-            .take_lease(&lease, "probe", now, now)
-            .await
-            .expect("probe")
-        {
+        if !lease_is_free(&lease).await {
             held = true;
             break;
         }
@@ -480,11 +492,18 @@ async fn an_upload_resumes_through_another_node_and_gc_runs_once() {
     );
     drop(tx);
     let r = slow.await.expect("join").expect("slow patch");
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let status = r.status();
+    assert_eq!(status, StatusCode::NO_CONTENT, "{:?}", r.text().await);
     let offset = on_b.offset(&path).await.1 as usize;
     assert_eq!(offset, cut + 1000);
 
     // Node b finishes it; both nodes serve the object.
+    for _ in 0..250 {
+        if lease_is_free(&lease).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let r = on_b.patch(&path, offset, bytes[offset..].to_vec()).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(r.headers()["tern-media-id"], id.as_str());

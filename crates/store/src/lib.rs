@@ -239,6 +239,17 @@ pub trait Store: Send + Sync + 'static {
         until_ms: i64,
     ) -> Result<bool, StoreError>;
 
+    /// Extends lease `name` to `until_ms` if `holder` holds it and it has not expired at
+    /// `now_ms`; whether it did. Never takes a lease that was given up, expired or taken by
+    /// another: a holder that stalled past its lease learns it lost it.
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError>;
+
     /// Gives lease `name` up if `holder` holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 

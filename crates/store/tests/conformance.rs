@@ -1343,6 +1343,45 @@ async fn upload_progress_and_leases(f: Fixture) {
             .expect("kept")
     );
 
+    // Renewal extends only a lease its holder still holds.
+    assert!(
+        s.take_lease("renew", "a", 1_000, 2_000)
+            .await
+            .expect("take")
+    );
+    assert!(
+        s.renew_lease("renew", "a", 1_500, 3_000)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !s.renew_lease("renew", "b", 1_500, 3_000)
+            .await
+            .expect("not b's")
+    );
+    assert!(
+        !s.renew_lease("renew", "a", 3_000, 4_000)
+            .await
+            .expect("late"),
+        "an expired lease is not renewed"
+    );
+    assert!(
+        s.take_lease("renew", "b", 3_000, 4_000)
+            .await
+            .expect("b takes")
+    );
+    s.release_lease("renew", "b").await.expect("release");
+    assert!(
+        !s.renew_lease("renew", "a", 3_500, 5_000)
+            .await
+            .expect("gone"),
+        "a renewal never takes a free lease"
+    );
+    assert!(
+        !s.renew_lease("never", "a", 0, 1_000).await.expect("never"),
+        "nor one never taken"
+    );
+
     // Many takers of one free lease at once: exactly one holds it.
     let takers: Vec<_> = (0..16)
         .map(|i| {

@@ -4,10 +4,16 @@
 //! A lease is taken for [`TTL`] and renewed in the background every third of it while its
 //! guard lives; dropping the guard gives it up. A node that dies holds its leases until they
 //! expire, so a lease is as long as the work it covers may stall, and no longer.
+//!
+//! A holder counts its lease as lost ([`Lease::lost`]) when a renewal finds it taken, and also
+//! when no renewal has succeeded for `TTL - MARGIN` by its own monotonic clock (the store
+//! unreachable, the process stalled): it stops before another node can take the lease over,
+//! with [`MARGIN`] to spare for clock skew between the nodes and work already in flight. The
+//! nodes' clocks must agree within a few seconds (NTP).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use tern_store::{Store, StoreError};
@@ -16,6 +22,9 @@ use crate::services::Clock;
 
 /// How long a lease lasts without renewal.
 pub const TTL: Duration = Duration::from_secs(15);
+
+/// How long before its expiry a holder that could not renew stops counting on its lease.
+pub const MARGIN: Duration = Duration::from_secs(5);
 
 /// Takes leases on behalf of one process; holders are named `<process>-<n>`.
 pub struct Leases {
@@ -44,6 +53,7 @@ impl Leases {
             self.process,
             self.next.fetch_add(1, Ordering::Relaxed)
         );
+        let asked = Instant::now();
         let now = self.clock.now_ms();
         if !self
             .store
@@ -52,19 +62,22 @@ impl Leases {
         {
             return Ok(None);
         }
-        let lost = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Held {
+            lost: AtomicBool::new(false),
+            renewed: Mutex::new(asked),
+        });
         let renew = tokio::spawn(renew(
             self.store.clone(),
             self.clock.clone(),
             name.clone(),
             holder.clone(),
-            lost.clone(),
+            held.clone(),
         ));
         Ok(Some(Lease {
             store: self.store.clone(),
             name,
             holder,
-            lost,
+            held,
             renew,
         }))
     }
@@ -96,31 +109,66 @@ impl Leases {
     }
 }
 
+/// What a lease's guard and its renewal task share.
+struct Held {
+    /// A renewal found the lease gone or taken.
+    lost: AtomicBool,
+    /// When the last successful take or renewal was asked for.
+    renewed: Mutex<Instant>,
+}
+
+impl Held {
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+            || self
+                .renewed
+                .lock()
+                .map_or(true, |at| at.elapsed() >= TTL - MARGIN)
+    }
+}
+
 async fn renew(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     name: String,
     holder: String,
-    lost: Arc<AtomicBool>,
+    held: Arc<Held>,
 ) {
     let mut tick = tokio::time::interval(TTL / 3);
     tick.tick().await;
     loop {
         tick.tick().await;
+        let asked = Instant::now();
         let now = clock.now_ms();
         match store
-            .take_lease(&name, &holder, now, now + TTL.as_millis() as i64)
+            .renew_lease(&name, &holder, now, now + TTL.as_millis() as i64)
             .await
         {
-            Ok(true) => {}
+            Ok(true) => {
+                if let Ok(mut at) = held.renewed.lock() {
+                    *at = asked;
+                }
+            }
             Ok(false) => {
-                tracing::warn!(lease = %name, "a lease was lost to another holder");
-                lost.store(true, Ordering::Release);
+                tracing::warn!(lease = %name, "a lease expired or was taken over");
+                held.lost.store(true, Ordering::Release);
                 return;
             }
-            // The lease still runs until its expiry; the next tick tries again.
+            // The lease may still run; the next tick tries again, and `lost` turns true by
+            // itself once too long has passed without a renewal.
             Err(e) => tracing::warn!(lease = %name, error = %e, "cannot renew a lease"),
         }
+    }
+}
+
+/// Whether a lease held elsewhere is still good ([`Lease::watch`]).
+#[derive(Clone, Default)]
+pub struct LeaseWatch(Option<Arc<Held>>);
+
+impl LeaseWatch {
+    /// [`Lease::lost`]; a watch made with `default()` covers work that needs no lease.
+    pub fn lost(&self) -> bool {
+        self.0.as_ref().is_some_and(|h| h.lost())
     }
 }
 
@@ -129,15 +177,20 @@ pub struct Lease {
     store: Arc<dyn Store>,
     name: String,
     holder: String,
-    lost: Arc<AtomicBool>,
+    held: Arc<Held>,
     renew: tokio::task::JoinHandle<()>,
 }
 
 impl Lease {
-    /// Whether another holder took the lease over (this one stalled past its expiry): the
-    /// work it covers must stop.
+    /// Whether the lease is gone, or may be about to go: taken over, or not renewed for
+    /// `TTL - MARGIN`. The work it covers must stop before its next step.
     pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+        self.held.lost()
+    }
+
+    /// A handle that answers [`Lease::lost`] for work done away from the guard.
+    pub fn watch(&self) -> LeaseWatch {
+        LeaseWatch(Some(self.held.clone()))
     }
 
     /// Gives the lease up now (dropping the guard does so in the background: a request that

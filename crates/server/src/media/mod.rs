@@ -93,7 +93,7 @@ pub fn parse_id(s: &str) -> Result<MediaHash, ApiError> {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "{what} failed");
-    ApiError::new(ErrorCode::Internal, "storage failure; retry later")
+    ApiError::busy("storage failure; retry later", 1)
 }
 
 fn blob_error(e: BlobError) -> ApiError {
@@ -272,13 +272,21 @@ impl Media {
         if let Some(grant) = self.claim(user, id).await? {
             return Ok(grant);
         }
-        let length = length.ok_or_else(|| {
-            ApiError::new(
+        let mut body = body.fuse();
+        let created = match length {
+            None => Err(ApiError::new(
                 ErrorCode::LengthRequired,
                 "a media upload needs Content-Length",
-            )
-        })?;
-        let upload = self.create_upload(user, length, Some(id)).await?;
+            )),
+            Some(length) => self.create_upload(user, length, Some(id)).await,
+        };
+        let upload = match created {
+            Ok(upload) => upload,
+            Err(e) => {
+                drain(&mut body).await;
+                return Err(e);
+            }
+        };
         let result = self.append(user, &upload.id, 0, body, None).await;
         match result {
             Ok(Appended {
@@ -431,7 +439,7 @@ impl Media {
         }
         let mut out = self
             .staging
-            .open(&up, offset, checksum.is_some())
+            .open(&up, offset, checksum.is_some(), lease.watch())
             .await
             .map_err(staging_error)?;
         let mut sha1 = matches!(checksum, Some(Checksum::Sha1(_))).then(sha1::Sha1::new);
@@ -465,7 +473,10 @@ impl Media {
                 h.update(&chunk);
             }
             let n = chunk.len() as u64;
-            out.write(chunk).await.map_err(staging_error)?;
+            if let Err(e) = out.write(chunk).await {
+                out.abort().await;
+                return Err(staging_error(e));
+            }
             written += n;
             metrics::counter!("tern_media_upload_bytes_total").increment(n);
         }
@@ -502,24 +513,27 @@ impl Media {
                 offset,
                 completed: None,
             }),
-            Committed::Complete { digest, staged } => {
-                self.complete(&up, digest, staged)
-                    .await
-                    .map(|grant| Appended {
-                        offset: up.length,
-                        completed: Some(grant),
-                    })
-            }
+            Committed::Complete { digest, staged } => self
+                .complete(&up, digest, staged, &lease)
+                .await
+                .map(|grant| Appended {
+                    offset: up.length,
+                    completed: Some(grant),
+                }),
         };
         lease.release().await;
         result
     }
 
+    /// Makes the complete upload `up` its object. Where this fails halfway the upload is left
+    /// resumable (`Staging::recover`): from its offset if the staged bytes survived, else from
+    /// 0; never stuck.
     async fn complete(
         &self,
         up: &UploadRecord,
         digest: MediaHash,
         staged: Box<dyn Staged>,
+        upload: &Lease,
     ) -> Result<MediaGrant, ApiError> {
         if let Some(expected) = up.expected
             && expected != digest
@@ -539,15 +553,26 @@ impl Media {
             .object_lease(&digest, OBJECT_PATIENCE)
             .await?
             .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unavailable,
+                ApiError::busy(
                     "the object is being stored or collected elsewhere; retry",
+                    1,
                 )
             })?;
-        if self.store.media(digest).await?.is_some() {
-            staged.discard().await;
-        } else {
-            staged.publish(&digest).await.map_err(staging_error)?;
+        if upload.lost() || object.lost() {
+            return Err(busy());
+        }
+        let stored = match self.store.media(digest).await {
+            Ok(Some(_)) => {
+                staged.discard().await;
+                Ok(())
+            }
+            Ok(None) => staged.publish(&digest).await.map_err(staging_error),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = stored {
+            object.release().await;
+            self.recover(up, false).await;
+            return Err(e);
         }
         let now = self.clock.now_ms();
         let grant = self
@@ -555,9 +580,22 @@ impl Media {
             .finish_upload(&up.id, digest, up.length, self.retention_end(now), now)
             .await;
         object.release().await;
-        let grant = grant?;
+        let grant = match grant {
+            Ok(grant) => grant,
+            Err(e) => {
+                self.recover(up, true).await;
+                return Err(e.into());
+            }
+        };
         metrics::counter!("tern_media_objects_stored_total").increment(u64::from(grant.created));
         Ok(grant)
+    }
+
+    /// Leaves `up` resumable after a failed completion (see [`Staging::recover`]).
+    async fn recover(&self, up: &UploadRecord, consumed: bool) {
+        if let Err(e) = self.staging.recover(up, consumed).await {
+            tracing::warn!(upload = %up.id, error = %e, "cannot make a failed upload resumable");
+        }
     }
 
     /// Terminates an upload of `user` (tus termination).

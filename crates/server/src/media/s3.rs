@@ -35,6 +35,7 @@ use tokio::io::AsyncReadExt;
 pub use object_store;
 
 use super::blob::{BlobError, BlobStore, ByteStream};
+use super::lease::LeaseWatch;
 use super::staging::{Appender, Committed, Staged, Staging, StagingError};
 use crate::config::S3Config;
 
@@ -182,6 +183,15 @@ impl BlobStore for ObjectStoreBlobs {
 /// Bytes per staged part: S3's least for all parts but the last.
 pub const STAGED_PART: usize = 5 << 20;
 
+/// Staged pieces one sweep looks at, at most.
+const SWEEP_LIMIT: usize = 100_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 fn staging_location(upload: &str) -> ObjectPath {
     ObjectPath::from(format!("uploads/{upload}"))
 }
@@ -266,6 +276,7 @@ impl Staging for PartStaging {
         up: &UploadRecord,
         offset: u64,
         atomic: bool,
+        lease: LeaseWatch,
     ) -> Result<Box<dyn Appender>, StagingError> {
         if offset != up.received {
             return Err(StagingError::Moved);
@@ -303,7 +314,9 @@ impl Staging for PartStaging {
             buffer,
             hash,
             obsolete: Vec::new(),
+            unrecorded_tail: None,
             created_multipart: false,
+            lease,
             state,
         }))
     }
@@ -327,10 +340,75 @@ impl Staging for PartStaging {
         self.delete_quietly(&staging_location(&up.id)).await;
     }
 
-    async fn sweep(&self, _store: &dyn Store) -> Result<usize, StagingError> {
-        // Staged pieces are named in their upload's row, written before the row goes; what a
-        // crash leaves is for the bucket's lifecycle rule (abort incomplete multipart uploads).
-        Ok(0)
+    async fn recover(&self, up: &UploadRecord, consumed: bool) -> Result<(), StagingError> {
+        let Some(latest) = self.meta.upload(&up.id).await? else {
+            return Ok(());
+        };
+        if latest.media.is_some() {
+            return Ok(());
+        }
+        // A multipart upload once completed is gone as such: its object is the evidence.
+        let completed = match self.store.head(&staging_location(&up.id)).await {
+            Ok(_) => true,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => return Err(store_error(e)),
+        };
+        if !consumed && !completed {
+            return Ok(());
+        }
+        self.discard(&latest).await;
+        let fresh = PartState {
+            hash: encode_hash(&Sha256::new()),
+            ..PartState::default()
+        };
+        let raw = serde_json::to_vec(&fresh)
+            .map_err(|e| StagingError::Blob(BlobError::Backend(e.to_string())))?;
+        if !self
+            .meta
+            .advance_upload(&up.id, latest.received, 0, raw)
+            .await?
+        {
+            return Err(StagingError::Moved);
+        }
+        Ok(())
+    }
+
+    async fn sweep(&self, store: &dyn Store) -> Result<usize, StagingError> {
+        // Tails put by a request that failed before recording them, or whose deletion failed,
+        // and completed multipart uploads whose upload is gone: pieces older than an hour that
+        // no upload row names. (A multipart upload never recorded is invisible here: that is
+        // for the bucket's lifecycle rule, which aborts incomplete multipart uploads.)
+        let cutoff = now_ms() - 3_600_000;
+        let mut listed = self.store.list(Some(&ObjectPath::from("uploads")));
+        let (mut seen, mut swept) = (0usize, 0usize);
+        while let Some(meta) = listed.next().await {
+            let meta = meta.map_err(store_error)?;
+            seen += 1;
+            if seen > SWEEP_LIMIT {
+                break;
+            }
+            if meta.last_modified.timestamp_millis() > cutoff {
+                continue;
+            }
+            let name = meta.location.as_ref().to_owned();
+            let Some(rest) = name.strip_prefix("uploads/") else {
+                continue;
+            };
+            let id = rest.split_once(".tail.").map_or(rest, |(id, _)| id);
+            let named = match store.upload(id).await? {
+                None => false,
+                Some(up) if up.media.is_some() => false,
+                // The completed multipart object of a live upload is for `recover`.
+                Some(_) if id == rest => true,
+                Some(up) => PartState::parse(&up)
+                    .is_ok_and(|state| state.tail.as_deref() == Some(name.as_str())),
+            };
+            if !named {
+                self.delete_quietly(&meta.location).await;
+                swept += 1;
+            }
+        }
+        Ok(swept)
     }
 }
 
@@ -350,8 +428,12 @@ struct PartAppender {
     hash: Sha256,
     /// Tail objects to delete once a record no longer names them.
     obsolete: Vec<String>,
+    /// A tail this request put and has not recorded yet (deleted if it never is).
+    unrecorded_tail: Option<String>,
     /// This request began the multipart upload and has not recorded it yet.
     created_multipart: bool,
+    /// The upload's lease: every step to the bucket or the row is taken only while it holds.
+    lease: LeaseWatch,
 }
 
 impl PartAppender {
@@ -364,6 +446,61 @@ impl PartAppender {
             self.hash.update(&self.buffer[self.hashed..upto]);
             self.hashed = upto;
         }
+    }
+
+    fn still_held(&self) -> Result<(), StagingError> {
+        if self.lease.lost() {
+            Err(StagingError::Moved)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Forgets what this request staged and never recorded.
+    async fn forget_unrecorded(&mut self) {
+        if let Some(tail) = self.unrecorded_tail.take() {
+            self.staging
+                .delete_quietly(&ObjectPath::from(tail.as_str()))
+                .await;
+        }
+        // A multipart upload this request began and never recorded is nobody's.
+        if self.created_multipart
+            && let Some(m) = &self.state.multipart
+            && let Err(e) = self
+                .staging
+                .multipart
+                .abort_multipart(&staging_location(&self.id), m)
+                .await
+        {
+            tracing::warn!(error = %e, "cannot abort a staged multipart upload");
+        }
+        self.created_multipart = false;
+    }
+
+    /// Puts the buffer up as the new tail, and records it.
+    async fn persist_tail(&mut self) -> Result<(), StagingError> {
+        if self.buffer.is_empty() {
+            self.obsolete.extend(self.state.tail.take());
+        } else {
+            self.still_held()?;
+            let end = self.buffer.len();
+            self.hash_buffer(end);
+            let mut raw = [0u8; 8];
+            rand::rng().fill_bytes(&mut raw);
+            let name = format!("uploads/{}.tail.{}", self.id, hex::encode(raw));
+            // The appender ends with this commit: the buffer is not needed after.
+            let bytes = std::mem::take(&mut self.buffer).freeze();
+            self.unrecorded_tail = Some(name.clone());
+            self.staging
+                .store
+                .put(&ObjectPath::from(name.as_str()), bytes.into())
+                .await
+                .map_err(store_error)?;
+            self.obsolete.extend(self.state.tail.replace(name));
+            self.hashed = end;
+            return self.record_with_tail(end).await;
+        }
+        self.record_with_tail(0).await
     }
 
     async fn multipart_id(&mut self) -> Result<String, StagingError> {
@@ -383,6 +520,7 @@ impl PartAppender {
 
     /// Sends the first [`STAGED_PART`] bytes of the buffer up as the next part.
     async fn flush_part(&mut self) -> Result<(), StagingError> {
+        self.still_held()?;
         self.hash_buffer(STAGED_PART);
         let m = self.multipart_id().await?;
         let part = self.buffer.split_to(STAGED_PART).freeze();
@@ -402,19 +540,20 @@ impl PartAppender {
         // The old tail is inside this part now.
         self.obsolete.extend(self.state.tail.take());
         if !self.atomic {
-            self.record().await?;
+            let tail = if self.state.tail.is_some() {
+                self.buffer.len()
+            } else {
+                0
+            };
+            self.record_with_tail(tail).await?;
         }
         Ok(())
     }
 
-    /// Writes the row: the parts, the tail (which holds the whole buffer when there is one),
-    /// and the hash of exactly those bytes.
-    async fn record(&mut self) -> Result<(), StagingError> {
-        let tail = if self.state.tail.is_some() {
-            self.buffer.len()
-        } else {
-            0
-        };
+    /// Writes the row: the parts, the tail of `tail` bytes (the whole buffer, when there is
+    /// one), and the hash of exactly those bytes.
+    async fn record_with_tail(&mut self, tail: usize) -> Result<(), StagingError> {
+        self.still_held()?;
         debug_assert_eq!(
             self.hashed, tail,
             "the hash covers exactly the durable bytes"
@@ -433,6 +572,7 @@ impl PartAppender {
         }
         self.recorded = durable;
         self.created_multipart = false;
+        self.unrecorded_tail = None;
         for tail in std::mem::take(&mut self.obsolete) {
             self.staging
                 .delete_quietly(&ObjectPath::from(tail.as_str()))
@@ -476,41 +616,18 @@ impl Appender for PartAppender {
             // Nothing new (an empty body).
             return Ok(Committed::Partial(offset));
         }
-        if self.buffer.is_empty() {
-            self.obsolete.extend(self.state.tail.take());
-        } else {
-            let mut raw = [0u8; 8];
-            rand::rng().fill_bytes(&mut raw);
-            let name = format!("uploads/{}.tail.{}", self.id, hex::encode(raw));
-            self.staging
-                .store
-                .put(
-                    &ObjectPath::from(name.as_str()),
-                    self.buffer.clone().freeze().into(),
-                )
-                .await
-                .map_err(store_error)?;
-            let end = self.buffer.len();
-            self.hash_buffer(end);
-            self.obsolete.extend(self.state.tail.replace(name));
+        match self.persist_tail().await {
+            Ok(()) => Ok(Committed::Partial(offset)),
+            Err(e) => {
+                self.forget_unrecorded().await;
+                Err(e)
+            }
         }
-        self.record().await?;
-        Ok(Committed::Partial(offset))
     }
 
-    async fn abort(self: Box<Self>) {
-        // What was recorded stays; parts sent since are replaced by the next writer's. A
-        // multipart upload this request began and never recorded is nobody's: abort it.
-        if self.created_multipart
-            && let Some(m) = &self.state.multipart
-            && let Err(e) = self
-                .staging
-                .multipart
-                .abort_multipart(&staging_location(&self.id), m)
-                .await
-        {
-            tracing::warn!(error = %e, "cannot abort a staged multipart upload");
-        }
+    async fn abort(mut self: Box<Self>) {
+        // What was recorded stays; parts sent since are replaced by the next writer's.
+        self.forget_unrecorded().await;
     }
 }
 

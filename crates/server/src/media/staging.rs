@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -19,6 +20,7 @@ use tern_store::{MediaHash, Store, StoreError, UploadRecord};
 use tokio::io::AsyncWriteExt;
 
 use super::blob::{BlobError, BlobStore};
+use super::lease::LeaseWatch;
 
 /// Bytes buffered between the request body and a staging file.
 const WRITE_BUFFER: usize = 256 * 1024;
@@ -57,18 +59,27 @@ pub trait Staging: Send + Sync + 'static {
     /// The bytes of `up` durably staged: its offset.
     async fn offset(&self, up: &UploadRecord) -> Result<u64, StagingError>;
 
-    /// Opens `up` for appending at `offset`, its current offset. `atomic`: the request's bytes
-    /// are kept all or none (it carries a checksum of the whole body); otherwise whatever was
-    /// committed (on a cut-off body, what arrived) is kept.
+    /// Opens `up` for appending at `offset`, its current offset, for the holder of the
+    /// upload's lease (`lease`: the appender stops with [`StagingError::Moved`] before any
+    /// step it takes once the lease is lost). `atomic`: the request's bytes are kept all or
+    /// none (it carries a checksum of the whole body); otherwise whatever was committed (on a
+    /// cut-off body, what arrived) is kept.
     async fn open(
         &self,
         up: &UploadRecord,
         offset: u64,
         atomic: bool,
+        lease: LeaseWatch,
     ) -> Result<Box<dyn Appender>, StagingError>;
 
     /// Deletes whatever upload `up` staged. Missing pieces are not an error.
     async fn discard(&self, up: &UploadRecord);
+
+    /// After a completion of `up` that failed (publishing, or recording the object): leaves
+    /// the upload resumable. `consumed`: its staged bytes were used up; otherwise they may or
+    /// may not have been, and the staging checks. Where they survived the upload resumes at
+    /// its offset; where they did not, it starts over at 0 (the client sends it again).
+    async fn recover(&self, up: &UploadRecord, consumed: bool) -> Result<(), StagingError>;
 
     /// Deletes staged bytes that no upload record names (a crash between staging and
     /// recording, or a failed delete); how many.
@@ -100,12 +111,28 @@ pub trait Staged: Send {
 }
 
 /// Uploads staged as files in a directory of the node (`data_dir/uploads/<upload id>`) whose
-/// length *is* the offset, fsynced before an offset is reported. The running hash of an
-/// upload is kept in memory between requests; after a restart it is recomputed from the file.
+/// length *is* the offset, fsynced before an offset is reported. While a request writes, the
+/// offset is what it last made durable (its unsynced bytes are not reported), and a request
+/// that ends without committing is cut back to that. The running hash of an upload is kept
+/// in memory between requests; after a restart it is recomputed from the file.
 pub struct FileStaging {
     dir: PathBuf,
     blobs: Arc<dyn BlobStore>,
     hashes: Arc<Mutex<HashMap<String, (u64, Sha256)>>>,
+    writers: Arc<Writers>,
+}
+
+/// The request writing each upload now: its generation, and the offset durable so far.
+#[derive(Default)]
+struct Writers {
+    next: AtomicU64,
+    now: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl Writers {
+    fn durable(&self, id: &str) -> Option<u64> {
+        self.now.lock().ok()?.get(id).map(|&(_, durable)| durable)
+    }
 }
 
 impl FileStaging {
@@ -115,6 +142,7 @@ impl FileStaging {
             dir,
             blobs,
             hashes: Arc::default(),
+            writers: Arc::default(),
         })
     }
 
@@ -137,6 +165,9 @@ impl Staging for FileStaging {
     }
 
     async fn offset(&self, up: &UploadRecord) -> Result<u64, StagingError> {
+        if let Some(durable) = self.writers.durable(&up.id) {
+            return Ok(durable.min(up.length));
+        }
         match tokio::fs::metadata(self.path(&up.id)).await {
             Ok(m) => Ok(m.len().min(up.length)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
@@ -148,7 +179,8 @@ impl Staging for FileStaging {
         &self,
         up: &UploadRecord,
         offset: u64,
-        atomic: bool,
+        _atomic: bool,
+        lease: LeaseWatch,
     ) -> Result<Box<dyn Appender>, StagingError> {
         let hash = if offset == 0 {
             Some(Sha256::new())
@@ -160,17 +192,32 @@ impl Staging for FileStaging {
                 .and_then(|(n, h)| (n == offset).then_some(h))
         };
         let path = self.path(&up.id);
+        let generation = self.writers.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut now) = self.writers.now.lock() {
+            now.insert(up.id.clone(), (generation, offset));
+        }
+        // From here the rollback guard cuts the file back to `offset` unless a commit disarms
+        // it, and stops reporting this writer's offset.
+        let rollback = Rollback {
+            path: path.clone(),
+            id: up.id.clone(),
+            offset,
+            generation,
+            writers: self.writers.clone(),
+            armed: true,
+        };
+        // Created again if a failed completion used the file up (the offset is then 0); cut
+        // to `offset`, so bytes a writer never made durable are not built upon.
         let file = tokio::fs::OpenOptions::new()
+            .create(true)
             .append(true)
             .open(&path)
             .await?;
+        file.set_len(offset).await?;
         Ok(Box::new(FileAppender {
             out: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
-            rollback: Rollback {
-                path,
-                offset,
-                armed: atomic,
-            },
+            rollback,
+            lease,
             id: up.id.clone(),
             length: up.length,
             offset,
@@ -188,6 +235,16 @@ impl Staging for FileStaging {
             Err(e) => tracing::warn!(error = %e, "cannot delete a staged upload"),
         }
         self.forget_hash(&up.id);
+    }
+
+    async fn recover(&self, up: &UploadRecord, consumed: bool) -> Result<(), StagingError> {
+        let path = self.path(&up.id);
+        if consumed || !tokio::fs::try_exists(&path).await? {
+            // Published (moved into the blob store) or deleted: start over from an empty file.
+            self.forget_hash(&up.id);
+            tokio::fs::File::create(&path).await?.sync_all().await?;
+        }
+        Ok(())
     }
 
     async fn sweep(&self, store: &dyn Store) -> Result<usize, StagingError> {
@@ -214,26 +271,56 @@ impl Staging for FileStaging {
     }
 }
 
-/// Truncates the staging file back to where a request started unless disarmed.
+/// Ends a request's writing: unless a commit disarmed it, truncates the staging file back to
+/// where the request started. Only while the request is still the upload's writer: one that
+/// lost its lease leaves the file to the next.
 struct Rollback {
     path: PathBuf,
+    id: String,
     offset: u64,
+    generation: u64,
+    writers: Arc<Writers>,
     armed: bool,
+}
+
+impl Rollback {
+    /// Records `durable` as the writer's offset; whether it is still the upload's writer.
+    fn advance(&mut self, durable: u64) -> bool {
+        let Ok(mut now) = self.writers.now.lock() else {
+            return false;
+        };
+        match now.get_mut(&self.id) {
+            Some(entry) if entry.0 == self.generation => {
+                entry.1 = durable;
+                self.offset = durable;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Drop for Rollback {
     fn drop(&mut self) {
+        let Ok(mut now) = self.writers.now.lock() else {
+            return;
+        };
+        if now.get(&self.id).is_none_or(|e| e.0 != self.generation) {
+            return;
+        }
         if self.armed
             && let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.path)
         {
             let _ = f.set_len(self.offset).and_then(|()| f.sync_data());
         }
+        now.remove(&self.id);
     }
 }
 
 struct FileAppender {
     out: tokio::io::BufWriter<tokio::fs::File>,
     rollback: Rollback,
+    lease: LeaseWatch,
     id: String,
     length: u64,
     offset: u64,
@@ -247,6 +334,9 @@ struct FileAppender {
 #[async_trait]
 impl Appender for FileAppender {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StagingError> {
+        if self.lease.lost() {
+            return Err(StagingError::Moved);
+        }
         if let Some(h) = self.hash.as_mut() {
             h.update(&chunk);
         }
@@ -258,8 +348,11 @@ impl Appender for FileAppender {
     async fn commit(mut self: Box<Self>) -> Result<Committed, StagingError> {
         self.out.flush().await?;
         self.out.get_ref().sync_data().await?;
-        self.rollback.armed = false;
         let offset = self.offset + self.written;
+        if self.lease.lost() || !self.rollback.advance(offset) {
+            return Err(StagingError::Moved);
+        }
+        self.rollback.armed = false;
         if offset < self.length {
             if let (Some(h), Ok(mut hashes)) = (self.hash.take(), self.hashes.lock()) {
                 hashes.insert(self.id.clone(), (offset, h));

@@ -357,6 +357,22 @@ pub async fn take_lease<C: GenericClient>(
         == 1)
 }
 
+pub async fn renew_lease<C: GenericClient>(
+    c: &C,
+    name: &str,
+    holder: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, StoreError> {
+    Ok(execute(
+        c,
+        "UPDATE leases SET until_ms = $4 WHERE name = $1 AND holder = $2 AND until_ms > $3",
+        &[&name, &holder, &now_ms, &until_ms],
+    )
+    .await?
+        == 1)
+}
+
 pub async fn release_lease<C: GenericClient>(
     c: &C,
     name: &str,

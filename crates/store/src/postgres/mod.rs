@@ -678,6 +678,16 @@ impl Store for PgStore {
         media::take_lease(&self.client().await?, name, holder, now_ms, until_ms).await
     }
 
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        media::renew_lease(&self.client().await?, name, holder, now_ms, until_ms).await
+    }
+
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         media::release_lease(&self.client().await?, name, holder).await
     }

@@ -138,6 +138,20 @@ pub fn take_lease(
         == 1)
 }
 
+pub fn renew_lease(
+    c: &Connection,
+    name: &str,
+    holder: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, StoreError> {
+    Ok(c.prepare_cached(
+        "UPDATE leases SET until_ms = ?4 WHERE name = ?1 AND holder = ?2 AND until_ms > ?3",
+    )?
+    .execute(params![name, holder, now_ms, until_ms])?
+        == 1)
+}
+
 pub fn release_lease(c: &Connection, name: &str, holder: &str) -> Result<(), StoreError> {
     c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?
         .execute([name, holder])?;

@@ -504,6 +504,18 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |t, _| media::renew_lease(t, &name, &holder, now_ms, until_ms))
+            .await
+    }
+
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         self.write(move |t, _| media::release_lease(t, &name, &holder))
