@@ -256,6 +256,35 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the leases that expired before `now_ms` (their holders died); how many.
     async fn forget_expired_leases(&self, now_ms: i64) -> Result<usize, StoreError>;
 
+    // --- push ---
+
+    /// Sets (or replaces) the push subscription of `device`; `NotFound("device")` if there is
+    /// no such device.
+    async fn set_push_subscription(
+        &self,
+        device: DeviceId,
+        subscription: PushSubscription,
+    ) -> Result<(), StoreError>;
+
+    /// The push subscription of `device`, if it has one.
+    async fn push_subscription(
+        &self,
+        device: DeviceId,
+    ) -> Result<Option<PushSubscription>, StoreError>;
+
+    /// Removes the push subscription of `device`; whether there was one. `endpoint`: only if
+    /// it is still that one (a push service said it is gone, and the device may have
+    /// registered a new one since).
+    async fn remove_push_subscription(
+        &self,
+        device: DeviceId,
+        endpoint: Option<&str>,
+    ) -> Result<bool, StoreError>;
+
+    /// The secret named `name`, made by the first caller: `candidate` is stored if there is
+    /// none yet, and whichever value is stored is returned, the same to every process.
+    async fn server_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+
     // --- key directory (public keys for end-to-end encryption, stored opaquely) ---
 
     /// Publishes a device's keys in one transaction: identity keys (once; different ones later

@@ -380,6 +380,27 @@ pub struct KeyCountRecord {
     pub fallback_key_used: bool,
 }
 
+/// A device's Web Push subscription (RFC 8030 endpoint, RFC 8291 keys), as the device gave it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PushSubscription {
+    pub endpoint: String,
+    /// The device's P-256 public key, uncompressed (65 bytes).
+    pub p256dh: Vec<u8>,
+    /// The authentication secret (16 bytes).
+    pub auth: Vec<u8>,
+    pub updated_ms: i64,
+}
+
+impl std::fmt::Debug for PushSubscription {
+    // The endpoint is a capability (whoever knows it can wake the device): not for logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushSubscription")
+            .field("endpoint", &"***")
+            .field("updated_ms", &self.updated_ms)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceKeysRecord {
     pub device: DeviceId,

@@ -1400,6 +1400,84 @@ async fn upload_progress_and_leases(f: Fixture) {
     assert_eq!(held, 1);
 }
 
+async fn push_subscriptions_and_server_secrets(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 2).await;
+    let (d0, d1) = (alice[0].device_id, alice[1].device_id);
+    let sub = |endpoint: &str, at: i64| PushSubscription {
+        endpoint: endpoint.into(),
+        p256dh: vec![4; 65],
+        auth: vec![7; 16],
+        updated_ms: at,
+    };
+    assert_eq!(s.push_subscription(d0).await.expect("read"), None);
+    s.set_push_subscription(d0, sub("https://push.example/a", 1))
+        .await
+        .expect("set");
+    assert_eq!(
+        s.push_subscription(d0).await.expect("read"),
+        Some(sub("https://push.example/a", 1))
+    );
+    assert_eq!(
+        s.push_subscription(d1).await.expect("read"),
+        None,
+        "per device"
+    );
+    // Replaced, not added.
+    s.set_push_subscription(d0, sub("https://push.example/b", 2))
+        .await
+        .expect("replace");
+    assert_eq!(
+        s.push_subscription(d0).await.expect("read"),
+        Some(sub("https://push.example/b", 2))
+    );
+    assert!(matches!(
+        s.set_push_subscription(999_999, sub("https://push.example/c", 3))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Removal by a push service's answer names the endpoint it answered for.
+    assert!(
+        !s.remove_push_subscription(d0, Some("https://push.example/a"))
+            .await
+            .expect("stale")
+    );
+    assert!(s.push_subscription(d0).await.expect("read").is_some());
+    assert!(
+        s.remove_push_subscription(d0, Some("https://push.example/b"))
+            .await
+            .expect("remove")
+    );
+    assert!(!s.remove_push_subscription(d0, None).await.expect("again"));
+    // A removed device takes its subscription with it.
+    s.set_push_subscription(d1, sub("https://push.example/d", 4))
+        .await
+        .expect("set");
+    s.remove_device(alice[1].user_id, d1)
+        .await
+        .expect("remove device");
+    assert_eq!(s.push_subscription(d1).await.expect("read"), None);
+
+    // A secret is made once: the first candidate wins, for every caller.
+    let first = s.server_secret("vapid", vec![1, 2, 3]).await.expect("make");
+    assert_eq!(first, vec![1, 2, 3]);
+    assert_eq!(
+        s.server_secret("vapid", vec![9, 9]).await.expect("kept"),
+        vec![1, 2, 3]
+    );
+    let racers: Vec<_> = (0..8u8)
+        .map(|i| {
+            let s = f.store.clone();
+            tokio::spawn(async move { s.server_secret("race", vec![i]).await.expect("race") })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in racers {
+        seen.insert(r.await.expect("join"));
+    }
+    assert_eq!(seen.len(), 1, "one value for everyone: {seen:?}");
+}
+
 async fn media_garbage_is_expired_uploads_and_unreferenced_objects(f: Fixture) {
     let s = &*f.store;
     let alice = user(s, "alice", 1).await[0].user_id;
@@ -2110,6 +2188,7 @@ macro_rules! conformance {
                 media_uploads_quota_and_references,
                 media_garbage_is_expired_uploads_and_unreferenced_objects,
                 upload_progress_and_leases,
+                push_subscriptions_and_server_secrets,
                 key_directory_publish_list_and_claim,
                 mailbox_entry_bound_refuses_and_stores_nothing,
                 mailbox_byte_bound_refuses_and_stores_nothing,
@@ -2282,6 +2361,8 @@ async fn sqlite_migration_backfills_mailbox_totals() {
              ALTER TABLE uploads DROP COLUMN received;
              ALTER TABLE uploads DROP COLUMN staging;
              DROP TABLE leases;
+             DROP TABLE push_subscriptions;
+             DROP TABLE server_secrets;
              PRAGMA user_version = 3;",
         )
         .expect("back to version 3");
@@ -2293,7 +2374,7 @@ async fn sqlite_migration_backfills_mailbox_totals() {
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 6);
+        assert_eq!(version, 7);
         let totals: Vec<(u64, i64, i64)> = c
             .prepare("SELECT id, mailbox_entries, mailbox_bytes FROM devices ORDER BY id")
             .expect("prepare")
@@ -2362,6 +2443,8 @@ async fn sqlite_migration_renumbers_direct_conversations() {
              ALTER TABLE uploads DROP COLUMN received;
              ALTER TABLE uploads DROP COLUMN staging;
              DROP TABLE leases;
+             DROP TABLE push_subscriptions;
+             DROP TABLE server_secrets;
              PRAGMA user_version = 4;"
         ))
         .expect("back to version 4");

@@ -35,6 +35,7 @@ mod groups;
 mod keys;
 mod media;
 mod messaging;
+mod push;
 mod schema;
 mod writer;
 
@@ -694,6 +695,38 @@ impl Store for PgStore {
 
     async fn forget_expired_leases(&self, now_ms: i64) -> Result<usize, StoreError> {
         media::forget_expired_leases(&self.client().await?, now_ms).await
+    }
+
+    async fn set_push_subscription(
+        &self,
+        device: DeviceId,
+        subscription: PushSubscription,
+    ) -> Result<(), StoreError> {
+        transaction!(self, |t| push::set_push_subscription(
+            &t,
+            device,
+            &subscription
+        )
+        .await)
+    }
+
+    async fn push_subscription(
+        &self,
+        device: DeviceId,
+    ) -> Result<Option<PushSubscription>, StoreError> {
+        push::push_subscription(&self.client().await?, device).await
+    }
+
+    async fn remove_push_subscription(
+        &self,
+        device: DeviceId,
+        endpoint: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        push::remove_push_subscription(&self.client().await?, device, endpoint).await
+    }
+
+    async fn server_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        push::server_secret(&self.client().await?, name, &candidate).await
     }
 
     async fn publish_keys(

@@ -166,6 +166,21 @@ const MIGRATIONS: &[&str] = &[
         until_ms    BIGINT NOT NULL
     );
     "#,
+    // 3: push: each device's Web Push subscription (gone with the device), and secrets the
+    //    server makes once and keeps (the VAPID key), shared by every node.
+    r#"
+    CREATE TABLE push_subscriptions (
+        device_id   BIGINT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        endpoint    TEXT NOT NULL,
+        p256dh      BYTEA NOT NULL,
+        auth        BYTEA NOT NULL,
+        updated_ms  BIGINT NOT NULL
+    );
+    CREATE TABLE server_secrets (
+        name        TEXT PRIMARY KEY,
+        value       BYTEA NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the database to the latest schema; returns how many migrations it applied.

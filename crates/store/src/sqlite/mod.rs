@@ -16,6 +16,7 @@ mod groups;
 mod keys;
 mod media;
 mod messaging;
+mod push;
 mod schema;
 
 use std::path::{Path, PathBuf};
@@ -524,6 +525,38 @@ impl Store for SqliteStore {
 
     async fn forget_expired_leases(&self, now_ms: i64) -> Result<usize, StoreError> {
         self.write(move |t, _| media::forget_expired_leases(t, now_ms))
+            .await
+    }
+
+    async fn set_push_subscription(
+        &self,
+        device: DeviceId,
+        subscription: PushSubscription,
+    ) -> Result<(), StoreError> {
+        self.write(move |t, _| push::set_push_subscription(t, device, &subscription))
+            .await
+    }
+
+    async fn push_subscription(
+        &self,
+        device: DeviceId,
+    ) -> Result<Option<PushSubscription>, StoreError> {
+        self.read(move |c| push::push_subscription(c, device)).await
+    }
+
+    async fn remove_push_subscription(
+        &self,
+        device: DeviceId,
+        endpoint: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let endpoint = endpoint.map(str::to_owned);
+        self.write(move |t, _| push::remove_push_subscription(t, device, endpoint.as_deref()))
+            .await
+    }
+
+    async fn server_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let name = name.to_owned();
+        self.write(move |t, _| push::server_secret(t, &name, &candidate))
             .await
     }
 

@@ -192,6 +192,21 @@ const MIGRATIONS: &[&str] = &[
         until_ms    INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 7: push: each device's Web Push subscription (gone with the device), and secrets the
+    //    server makes once and keeps (the VAPID key), shared by every process of the store.
+    r#"
+    CREATE TABLE push_subscriptions (
+        device_id   INTEGER PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        endpoint    TEXT NOT NULL,
+        p256dh      BLOB NOT NULL,
+        auth        BLOB NOT NULL,
+        updated_ms  INTEGER NOT NULL
+    );
+    CREATE TABLE server_secrets (
+        name        TEXT PRIMARY KEY,
+        value       BLOB NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Brings the database to the latest schema.
