@@ -336,3 +336,46 @@ pub struct ClaimedKey {
 pub struct ClaimResponse {
     pub keys: Vec<ClaimedKey>,
 }
+
+/// `PUT /v1/devices/{id}/push`: the device's Web Push subscription, in the shape of a browser's
+/// `PushSubscription.toJSON()` (UnifiedPush distributors give the same three values).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PushSubscriptionRequest {
+    /// The push service URL the server posts to (RFC 8030).
+    pub endpoint: String,
+    /// Milliseconds since the epoch when the subscription lapses, if the browser says.
+    #[serde(
+        default,
+        rename = "expirationTime",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expiration_time: Option<u64>,
+    pub keys: PushKeys,
+}
+
+/// The subscription's keys for RFC 8291 message encryption, unpadded base64url.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PushKeys {
+    /// The device's P-256 public key, uncompressed (65 bytes).
+    pub p256dh: String,
+    /// The authentication secret (16 bytes).
+    pub auth: String,
+}
+
+/// `GET`/`PUT /v1/devices/{id}/push`: what the server keeps of the subscription (the endpoint
+/// itself is not repeated: it is a capability).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PushSubscriptionResponse {
+    /// The push service's origin (`scheme://host[:port]`).
+    pub origin: String,
+    pub updated_at_ms: i64,
+}
+
+/// `GET /v1/push/vapid`: the server's VAPID public key (a browser's `applicationServerKey`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VapidResponse {
+    /// Uncompressed P-256 point, unpadded base64url.
+    pub public_key: String,
+}

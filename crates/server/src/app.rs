@@ -26,6 +26,7 @@ use crate::services::groups::Groups;
 use crate::services::keys::Keys;
 use crate::services::messaging::Messaging;
 use crate::services::presence::Presence;
+use crate::services::push::Push;
 use crate::services::{Clock, SystemClock};
 
 /// Shared state handed to every handler and connection task.
@@ -37,6 +38,7 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
+    pub push: Arc<Push>,
     pub messaging: Arc<Messaging>,
     pub groups: Arc<Groups>,
     pub presence: Arc<Presence>,
@@ -145,10 +147,11 @@ impl AppState {
                 shutdown,
             },
         )
+        .await
     }
 
     /// Builds the state from given parts (another store, hub, rate limits or clock).
-    pub fn with_parts(
+    pub async fn with_parts(
         config: Config,
         store: Arc<dyn Store>,
         parts: Parts,
@@ -188,6 +191,7 @@ impl AppState {
             config.limits.clone(),
         ));
         let keys = Arc::new(Keys::new(store.clone(), config.limits.clone()));
+        let push = Arc::new(Push::new(store.clone(), clock.clone(), &config.push).await?);
         let descriptors = crate::net::descriptor_limit();
         let max_connections = crate::net::total_bound(config.connections.max_total, descriptors);
         tracing::info!(
@@ -215,6 +219,7 @@ impl AppState {
         Ok(AppState {
             accounts,
             keys,
+            push,
             rate_limits,
             connection_limits,
             config: Arc::new(config),

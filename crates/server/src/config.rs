@@ -35,6 +35,41 @@ pub struct Config {
     pub media: MediaConfig,
     /// Several nodes behind a load balancer: Redis and NATS (off by default: one node).
     pub cluster: ClusterConfig,
+    /// Push notifications (Web Push, UnifiedPush) for devices that are offline.
+    pub push: PushConfig,
+}
+
+/// Push notifications. The VAPID key is made at first start and kept in the store (so every
+/// node of a cluster signs with the same one), unless given here.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// The VAPID private key: unpadded base64url of its 32 bytes. Empty: made once, kept in
+    /// the store.
+    pub vapid_private_key: String,
+    /// Push service origins subscriptions may name (`"https://push.example"`, or
+    /// `"https://*.example"` for its subdomains). Empty: any `https` origin whose host is not
+    /// a loopback, private or link-local address.
+    pub allowed_origins: Vec<String>,
+    /// Also `http` and loopback endpoints (a push service on this machine, as in tests).
+    pub allow_insecure_loopback: bool,
+}
+
+impl std::fmt::Debug for PushConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushConfig")
+            .field(
+                "vapid_private_key",
+                &if self.vapid_private_key.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
+            .field("allowed_origins", &self.allowed_origins)
+            .field("allow_insecure_loopback", &self.allow_insecure_loopback)
+            .finish()
+    }
 }
 
 /// Cluster mode: this node is one of several sharing one PostgreSQL database, with a
@@ -376,6 +411,7 @@ impl Default for Config {
             mailbox: MailboxLimits::default(),
             media: MediaConfig::default(),
             cluster: ClusterConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -490,6 +526,9 @@ impl Config {
             return bad(
                 "connections.header_timeout_secs, request_timeout_secs and body_idle_secs must be positive",
             );
+        }
+        if let Err(e) = crate::services::push::EndpointPolicy::new(&self.push) {
+            return Err(ConfigError::Invalid(format!("push: {e}")));
         }
         if c.trusted_proxies.len() > 64 {
             return bad("connections.trusted_proxies holds at most 64 entries");

@@ -530,3 +530,38 @@ async fn an_upload_resumes_through_another_node_and_gc_runs_once() {
     assert_eq!((report.skipped, report.objects), (false, 1));
     assert_eq!(on_a.head(&id).await, StatusCode::NOT_FOUND);
 }
+
+/// Every node signs pushes with the one VAPID key the first made, and sees the subscriptions
+/// registered through the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_keys_and_subscriptions_are_cluster_wide() {
+    use base64::Engine;
+    let Some(cluster) = TestCluster::start("cluster", 2, quiet_recheck).await else {
+        return;
+    };
+    let (a, b) = (cluster.nodes[0].http(), cluster.nodes[1].http());
+    let (_, va) = a.get("/v1/push/vapid", None).await;
+    let (_, vb) = b.get("/v1/push/vapid", None).await;
+    assert!(va["public_key"].is_string());
+    assert_eq!(va, vb, "one key for the cluster");
+    let (_, device, token) = a.account("alice").await;
+    let r = tern_webpush::Receiver::generate();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let path = format!("/v1/devices/{device}/push");
+    let (s, _) = a
+        .put_json(
+            &path,
+            serde_json::json!({
+                "endpoint": "https://push.example/abc",
+                "keys": {"p256dh": b64.encode(r.p256dh()), "auth": b64.encode(r.auth())},
+            }),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = b.get(&path, Some(&token)).await;
+    assert_eq!(
+        (s, v["origin"].as_str()),
+        (200, Some("https://push.example"))
+    );
+}

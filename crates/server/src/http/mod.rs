@@ -6,6 +6,7 @@ pub mod extract;
 mod groups;
 mod keys;
 mod media;
+mod push;
 mod uploads;
 mod users;
 
@@ -85,6 +86,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/current", delete(accounts::logout))
         .route("/v1/devices", get(accounts::list_devices))
         .route("/v1/devices/{id}", delete(accounts::remove_device))
+        .route(
+            "/v1/devices/{id}/push",
+            put(push::register)
+                .get(push::status)
+                .delete(push::unregister),
+        )
+        .route("/v1/push/vapid", get(push::vapid))
         .route("/v1/users/{username}/devices", get(users::user_devices))
         .route("/v1/users/{username}/last-seen", get(users::last_seen))
         .route(

@@ -6,6 +6,7 @@ pub mod groups;
 pub mod keys;
 pub mod messaging;
 pub mod presence;
+pub mod push;
 
 /// Milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
