@@ -41,9 +41,22 @@ pub struct Config {
 
 /// Push notifications. The VAPID key is made at first start and kept in the store (so every
 /// node of a cluster signs with the same one), unless given here.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PushConfig {
+    /// A contact for push services' operators, sent as the VAPID `sub` claim: `mailto:` or an
+    /// `https:` URL. Empty: none (some push services refuse requests without one).
+    pub subject: String,
+    /// Seconds a push service keeps an undelivered push (RFC 8030 `TTL`).
+    pub ttl_secs: u64,
+    /// Attempts at one push (the first included) on 5xx, 429 and network errors.
+    pub max_attempts: u32,
+    /// The first retry waits this long, doubling with each, with jitter.
+    pub retry_base_ms: u64,
+    /// No wait between attempts is longer (a `Retry-After` included).
+    pub retry_max_secs: u64,
+    /// Seconds one request to a push service may take.
+    pub request_timeout_secs: u64,
     /// The VAPID private key: unpadded base64url of its 32 bytes. Empty: made once, kept in
     /// the store.
     pub vapid_private_key: String,
@@ -55,9 +68,31 @@ pub struct PushConfig {
     pub allow_insecure_loopback: bool,
 }
 
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            subject: String::new(),
+            ttl_secs: 86_400,
+            max_attempts: 5,
+            retry_base_ms: 500,
+            retry_max_secs: 60,
+            request_timeout_secs: 10,
+            vapid_private_key: String::new(),
+            allowed_origins: Vec::new(),
+            allow_insecure_loopback: false,
+        }
+    }
+}
+
 impl std::fmt::Debug for PushConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushConfig")
+            .field("subject", &self.subject)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_base_ms", &self.retry_base_ms)
+            .field("retry_max_secs", &self.retry_max_secs)
+            .field("request_timeout_secs", &self.request_timeout_secs)
             .field(
                 "vapid_private_key",
                 &if self.vapid_private_key.is_empty() {
@@ -529,6 +564,18 @@ impl Config {
         }
         if let Err(e) = crate::services::push::EndpointPolicy::new(&self.push) {
             return Err(ConfigError::Invalid(format!("push: {e}")));
+        }
+        let p = &self.push;
+        if p.max_attempts == 0 || p.request_timeout_secs == 0 || p.ttl_secs > 28 * 86_400 {
+            return bad(
+                "push.max_attempts and push.request_timeout_secs must be positive, push.ttl_secs at most 28 days",
+            );
+        }
+        if !(p.subject.is_empty()
+            || p.subject.starts_with("mailto:")
+            || p.subject.starts_with("https://"))
+        {
+            return bad("push.subject is a mailto: or https: URL");
         }
         if c.trusted_proxies.len() > 64 {
             return bad("connections.trusted_proxies holds at most 64 entries");

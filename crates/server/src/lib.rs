@@ -27,6 +27,7 @@ pub mod gateway;
 pub mod http;
 pub mod media;
 pub mod net;
+pub mod push;
 pub mod ratelimit;
 pub mod services;
 

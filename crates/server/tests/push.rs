@@ -187,3 +187,273 @@ async fn the_allowed_origins_and_loopback_are_configured() {
         }
     }
 }
+
+// --- sending: a push service played by the test ---
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_server::push::{Outcome, Provider, Urgency, Wake, WebPush};
+use tern_store::PushSubscription;
+
+/// The push service's next answers: a status, and a `Retry-After` in seconds.
+type Script = Arc<Mutex<VecDeque<(u16, Option<u64>)>>>;
+
+/// What the push service saw of one request, after checking it as a real one would.
+#[derive(Debug, Clone)]
+struct Received {
+    at: Instant,
+    plaintext: Vec<u8>,
+    urgency: Option<String>,
+    topic: Option<String>,
+    ttl: Option<String>,
+}
+
+/// A Web Push service on 127.0.0.1: checks the VAPID signature and claims (the key it
+/// expects, `aud` its own origin, `exp` within 24 hours, `sub`), decrypts the body with the
+/// subscription's private key, and answers as scripted (201 once the script is done).
+struct PushService {
+    origin: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    script: Script,
+    refusals: Arc<Mutex<Vec<String>>>,
+}
+
+impl PushService {
+    async fn start(receiver: Receiver, vapid_key: Vec<u8>, subject: &'static str) -> PushService {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let origin = format!("http://{}", listener.local_addr().expect("addr"));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let script: Script = Arc::new(Mutex::new(VecDeque::new()));
+        let refusals = Arc::new(Mutex::new(Vec::new()));
+        let receiver = Arc::new(receiver);
+        let (r, s, f, o) = (
+            received.clone(),
+            script.clone(),
+            refusals.clone(),
+            origin.clone(),
+        );
+        let app = axum::Router::new().route(
+            "/push/{id}",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let (r, s, f, o, receiver, key) = (
+                        r.clone(),
+                        s.clone(),
+                        f.clone(),
+                        o.clone(),
+                        receiver.clone(),
+                        vapid_key.clone(),
+                    );
+                    async move {
+                        let header = |n: &str| {
+                            headers
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        let check = || -> Result<Vec<u8>, String> {
+                            let auth = header("authorization").ok_or("no Authorization")?;
+                            let (k, claims) =
+                                tern_webpush::verify_vapid(&auth).map_err(|e| e.to_string())?;
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .expect("clock")
+                                .as_secs();
+                            if k != key {
+                                return Err("another VAPID key".into());
+                            }
+                            if claims.aud != o {
+                                return Err(format!("aud {} is not {o}", claims.aud));
+                            }
+                            if claims.exp <= now || claims.exp > now + 86_400 {
+                                return Err("exp".into());
+                            }
+                            if claims.sub.as_deref() != Some(subject) {
+                                return Err("sub".into());
+                            }
+                            if header("content-encoding").as_deref() != Some("aes128gcm") {
+                                return Err("Content-Encoding".into());
+                            }
+                            receiver.decrypt(&body).map_err(|e| e.to_string())
+                        };
+                        let plaintext = match check() {
+                            Ok(p) => p,
+                            Err(e) => {
+                                f.lock().expect("lock").push(e);
+                                return (
+                                    axum::http::StatusCode::UNAUTHORIZED,
+                                    axum::http::HeaderMap::new(),
+                                );
+                            }
+                        };
+                        r.lock().expect("lock").push(Received {
+                            at: Instant::now(),
+                            plaintext,
+                            urgency: header("urgency"),
+                            topic: header("topic"),
+                            ttl: header("ttl"),
+                        });
+                        let (status, retry) =
+                            s.lock().expect("lock").pop_front().unwrap_or((201, None));
+                        let mut h = axum::http::HeaderMap::new();
+                        if let Some(secs) = retry {
+                            h.insert("retry-after", secs.to_string().parse().expect("header"));
+                        }
+                        (axum::http::StatusCode::from_u16(status).expect("status"), h)
+                    }
+                },
+            ),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        PushService {
+            origin,
+            received,
+            script,
+            refusals,
+        }
+    }
+
+    fn script(&self, answers: &[(u16, Option<u64>)]) {
+        self.script
+            .lock()
+            .expect("lock")
+            .extend(answers.iter().copied());
+    }
+
+    fn take(&self) -> Vec<Received> {
+        std::mem::take(&mut *self.received.lock().expect("lock"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_are_signed_encrypted_and_retried_as_the_policy_says() {
+    let receiver = Receiver::generate();
+    let (p256dh, auth) = (receiver.p256dh(), receiver.auth().to_vec());
+    let vapid = Arc::new(tern_webpush::Vapid::generate());
+    let service = PushService::start(receiver, vapid.public_key(), "mailto:ops@example.org").await;
+    let config = tern_server::config::PushConfig {
+        subject: "mailto:ops@example.org".into(),
+        allow_insecure_loopback: true,
+        max_attempts: 3,
+        retry_base_ms: 10,
+        retry_max_secs: 2,
+        ..Default::default()
+    };
+    let sender = WebPush::new(vapid.clone(), &config).expect("sender");
+    let subscription = PushSubscription {
+        endpoint: format!("{}/push/abc", service.origin),
+        p256dh,
+        auth,
+        updated_ms: 0,
+    };
+    let wake = Wake {
+        payload: br#"{"n":3}"#.to_vec(),
+        urgency: Urgency::High,
+        topic: Some("tern".into()),
+    };
+
+    assert_eq!(
+        sender.send(&subscription, &wake).await,
+        Outcome::Delivered { attempts: 1 }
+    );
+    let got = service.take();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].plaintext, br#"{"n":3}"#,
+        "decrypted by the subscription's key"
+    );
+    assert_eq!(got[0].urgency.as_deref(), Some("high"));
+    assert_eq!(got[0].topic.as_deref(), Some("tern"));
+    assert_eq!(got[0].ttl.as_deref(), Some("86400"));
+
+    // 500, then 429 with Retry-After: 1, then accepted: three attempts, the wait honoured.
+    service.script(&[(500, None), (429, Some(1)), (201, None)]);
+    assert_eq!(
+        sender.send(&subscription, &wake).await,
+        Outcome::Delivered { attempts: 3 }
+    );
+    let got = service.take();
+    assert_eq!(got.len(), 3);
+    assert!(
+        got[2].at - got[1].at >= Duration::from_millis(950),
+        "Retry-After waited out"
+    );
+
+    // Failing on every attempt: given up after max_attempts.
+    service.script(&[(503, None), (502, None), (500, None)]);
+    assert!(matches!(
+        sender.send(&subscription, &wake).await,
+        Outcome::Failed { attempts: 3, .. }
+    ));
+    assert_eq!(service.take().len(), 3);
+
+    // Gone (404/410): the caller forgets the subscription; another 4xx is not retried.
+    service.script(&[(410, None)]);
+    assert_eq!(sender.send(&subscription, &wake).await, Outcome::Gone);
+    service.script(&[(404, None)]);
+    assert_eq!(sender.send(&subscription, &wake).await, Outcome::Gone);
+    service.script(&[(400, None)]);
+    assert!(matches!(
+        sender.send(&subscription, &wake).await,
+        Outcome::Failed { attempts: 1, .. }
+    ));
+    assert_eq!(service.take().len(), 3);
+    assert!(
+        service.refusals.lock().expect("lock").is_empty(),
+        "every request checked out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_never_reach_this_machine_or_a_private_network_unless_allowed() {
+    let receiver = Receiver::generate();
+    let (p256dh, auth) = (receiver.p256dh(), receiver.auth().to_vec());
+    let vapid = Arc::new(tern_webpush::Vapid::generate());
+    let service = PushService::start(receiver, vapid.public_key(), "mailto:ops@example.org").await;
+    let config = tern_server::config::PushConfig {
+        max_attempts: 2,
+        retry_base_ms: 10,
+        request_timeout_secs: 2,
+        ..Default::default()
+    };
+    let sender = WebPush::new(vapid, &config).expect("sender");
+    let port = service.origin.rsplit(':').next().expect("port").to_owned();
+    for endpoint in [
+        // Refused by the endpoint policy before any request.
+        format!("{}/push/abc", service.origin),
+        format!("https://127.0.0.1:{port}/push/abc"),
+        // A name: allowed by the policy, but it resolves to loopback only, which the resolver
+        // drops, so no connection is made.
+        format!("https://localhost:{port}/push/abc"),
+    ] {
+        let subscription = PushSubscription {
+            endpoint: endpoint.clone(),
+            p256dh: p256dh.clone(),
+            auth: auth.clone(),
+            updated_ms: 0,
+        };
+        let wake = Wake {
+            payload: b"{}".to_vec(),
+            urgency: Urgency::Normal,
+            topic: None,
+        };
+        assert!(
+            matches!(
+                sender.send(&subscription, &wake).await,
+                Outcome::Failed { .. }
+            ),
+            "{endpoint}"
+        );
+    }
+    assert!(
+        service.take().is_empty(),
+        "nothing reached the local service"
+    );
+    assert!(service.refusals.lock().expect("lock").is_empty());
+}

@@ -31,7 +31,8 @@ pub struct EndpointPolicy {
     insecure_loopback: bool,
 }
 
-fn is_local(ip: IpAddr) -> bool {
+/// Whether `ip` is this machine's, or a private, link-local, shared or special network's.
+pub fn is_local(ip: IpAddr) -> bool {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
             v4.is_loopback()
@@ -152,7 +153,7 @@ fn base64url(what: &str, s: &str) -> Result<Vec<u8>, ApiError> {
 pub struct Push {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    vapid: Vapid,
+    vapid: Arc<Vapid>,
     policy: EndpointPolicy,
 }
 
@@ -178,9 +179,14 @@ impl Push {
         Ok(Push {
             store,
             clock,
-            vapid,
+            vapid: Arc::new(vapid),
             policy,
         })
+    }
+
+    /// The VAPID key pair, for the sender.
+    pub fn vapid(&self) -> Arc<Vapid> {
+        self.vapid.clone()
     }
 
     /// The VAPID public key, unpadded base64url.
