@@ -41,8 +41,11 @@ pub fn is_local(ip: IpAddr) -> bool {
                 || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_multicast()
-                // 100.64.0.0/10, carrier-grade NAT.
+                // 0.0.0.0/8 ("this network"), 100.64.0.0/10 (carrier-grade NAT) and
+                // 198.18.0.0/15 (benchmarking).
+                || v4.octets()[0] == 0
                 || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+                || (v4.octets()[0] == 198 && (v4.octets()[1] & 0xfe) == 18)
         }
         IpAddr::V6(v6) => {
             v6.is_loopback()
@@ -323,6 +326,8 @@ mod tests {
             "https://[fd00::1]/abc",
             "https://[::ffff:127.0.0.1]/abc",
             "https://100.64.0.1/abc",
+            "https://0.1.2.3/abc",
+            "https://198.19.0.1/abc",
             "http://127.0.0.1:8080/abc",
             "not a url",
             "",
