@@ -134,15 +134,27 @@ async fn append(
     w.commit().await.expect("commit")
 }
 
+/// Staged pieces planted behind a staging's back, as a crash or a failed delete leaves them.
+#[async_trait::async_trait]
+trait Orphans: Sync {
+    /// Pieces no upload row names, for the live upload `live` and for an upload `gone` that
+    /// has no row.
+    fn names(&self, live: &str, gone: &str) -> Vec<String>;
+    async fn plant(&self, name: &str);
+    async fn exists(&self, name: &str) -> bool;
+}
+
 /// What every staging must do: offsets are what was committed, and nothing else (aborted,
-/// atomic or dropped requests leave no trace); a complete upload hashes to its bytes and
-/// publishes them; and after a completion that used the bytes up, `recover` starts the upload
-/// over at 0 rather than leaving it stuck.
+/// atomic or dropped requests leave no trace); old pieces no row names are swept, the live
+/// ones kept; a complete upload hashes to its bytes and publishes them; and after a
+/// completion that used the bytes up, `recover` starts the upload over at 0 rather than
+/// leaving it stuck.
 async fn staging_conformance(
     staging: &dyn Staging,
     blobs: &dyn BlobStore,
     store: &dyn Store,
     user: u64,
+    orphans: &dyn Orphans,
 ) {
     use sha2::Digest;
     // Two 5 MiB parts on S3 and a tail.
@@ -199,6 +211,22 @@ async fn staging_conformance(
     drop(w);
     assert_eq!(offset(staging, store, &id).await, first as u64, "dropped");
 
+    // Sweeping: the orphans go, the live upload's pieces stay (it completes below).
+    let planted = orphans.names(&id, &format!("gone{:016x}", rand::random::<u64>()));
+    for name in &planted {
+        orphans.plant(name).await;
+        assert!(orphans.exists(name).await, "{name} planted");
+    }
+    let swept = staging
+        .sweep(store, std::time::Duration::ZERO)
+        .await
+        .expect("sweep");
+    assert!(swept >= planted.len(), "{swept} swept of {planted:?}");
+    for name in &planted {
+        assert!(!orphans.exists(name).await, "{name} swept");
+    }
+    assert_eq!(offset(staging, store, &id).await, first as u64, "kept");
+
     // The rest completes it.
     let Committed::Complete {
         digest: got,
@@ -240,7 +268,21 @@ async fn file_staging() {
         Arc::new(FsBlobs::new(dir.path().join("media")).expect("blobs"));
     let staging = tern_server::media::FileStaging::new(dir.path().join("uploads"), blobs.clone())
         .expect("staging");
-    staging_conformance(&staging, &*blobs, &*store, user).await;
+    struct Files(std::path::PathBuf);
+    #[async_trait::async_trait]
+    impl Orphans for Files {
+        fn names(&self, _live: &str, gone: &str) -> Vec<String> {
+            vec![gone.to_owned()]
+        }
+        async fn plant(&self, name: &str) {
+            std::fs::write(self.0.join(name), b"orphan").expect("plant");
+        }
+        async fn exists(&self, name: &str) -> bool {
+            self.0.join(name).exists()
+        }
+    }
+    let orphans = Files(dir.path().join("uploads"));
+    staging_conformance(&staging, &*blobs, &*store, user, &orphans).await;
 }
 
 #[cfg(feature = "s3")]
@@ -254,5 +296,42 @@ async fn s3_part_staging() {
     let (store, user) = upload_store(dir.path()).await;
     let blobs = tern_server::media::s3::ObjectStoreBlobs::s3(&config).expect("s3");
     let staging = blobs.staging(store.clone()).expect("multipart staging");
-    staging_conformance(&staging, &blobs, &*store, user).await;
+    /// Objects in the test's bucket, by unsigned requests: moto takes unsigned puts and
+    /// listings (not unsigned reads of objects).
+    struct Objects(String);
+    #[async_trait::async_trait]
+    impl Orphans for Objects {
+        fn names(&self, live: &str, gone: &str) -> Vec<String> {
+            // A stale tail of the live upload, a tail and a completed multipart object of one
+            // whose row is gone.
+            vec![
+                format!("{live}.tail.00ff00ff00ff00ff"),
+                format!("{gone}.tail.0123456789abcdef"),
+                gone.to_owned(),
+            ]
+        }
+        async fn plant(&self, name: &str) {
+            let s = reqwest::Client::new()
+                .put(format!("{}/uploads/{name}", self.0))
+                .body(b"orphan".to_vec())
+                .send()
+                .await
+                .expect("S3 put")
+                .status();
+            assert_eq!(s, 200, "plant {name}");
+        }
+        async fn exists(&self, name: &str) -> bool {
+            let listing = reqwest::Client::new()
+                .get(format!("{}?list-type=2&prefix=uploads/{name}", self.0))
+                .send()
+                .await
+                .expect("S3 listing")
+                .text()
+                .await
+                .expect("listing");
+            listing.contains(&format!("<Key>uploads/{name}</Key>"))
+        }
+    }
+    let orphans = Objects(format!("{}/{}", config.endpoint, config.bucket));
+    staging_conformance(&staging, &blobs, &*store, user, &orphans).await;
 }

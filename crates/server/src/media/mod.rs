@@ -114,6 +114,9 @@ fn staging_error(e: StagingError) -> ApiError {
     }
 }
 
+/// How old an unnamed staged piece must be before garbage collection deletes it.
+const STAGING_ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
 fn busy() -> ApiError {
     ApiError {
         retry_after: Some(Duration::from_secs(1)),
@@ -677,7 +680,7 @@ impl Media {
         }
         report.uploads += self
             .staging
-            .sweep(&*self.store)
+            .sweep(&*self.store, STAGING_ORPHAN_AGE)
             .await
             .map_err(staging_error)?;
         if let Err(e) = self.leases.forget_expired().await {

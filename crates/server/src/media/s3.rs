@@ -17,6 +17,7 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -373,12 +374,12 @@ impl Staging for PartStaging {
         Ok(())
     }
 
-    async fn sweep(&self, store: &dyn Store) -> Result<usize, StagingError> {
+    async fn sweep(&self, store: &dyn Store, min_age: Duration) -> Result<usize, StagingError> {
         // Tails put by a request that failed before recording them, or whose deletion failed,
-        // and completed multipart uploads whose upload is gone: pieces older than an hour that
-        // no upload row names. (A multipart upload never recorded is invisible here: that is
+        // and completed multipart uploads whose upload is gone: old pieces that no upload row
+        // names. (A multipart upload never recorded is invisible here: that is
         // for the bucket's lifecycle rule, which aborts incomplete multipart uploads.)
-        let cutoff = now_ms() - 3_600_000;
+        let cutoff = now_ms() - min_age.as_millis() as i64;
         let mut listed = self.store.list(Some(&ObjectPath::from("uploads")));
         let (mut seen, mut swept) = (0usize, 0usize);
         while let Some(meta) = listed.next().await {

@@ -12,6 +12,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -81,9 +82,10 @@ pub trait Staging: Send + Sync + 'static {
     /// its offset; where they did not, it starts over at 0 (the client sends it again).
     async fn recover(&self, up: &UploadRecord, consumed: bool) -> Result<(), StagingError>;
 
-    /// Deletes staged bytes that no upload record names (a crash between staging and
-    /// recording, or a failed delete); how many.
-    async fn sweep(&self, store: &dyn Store) -> Result<usize, StagingError>;
+    /// Deletes staged bytes older than `min_age` that no upload record names (a crash between
+    /// staging and recording, or a failed delete); how many. (Pieces are staged just before
+    /// their record is written: only old ones can be orphans.)
+    async fn sweep(&self, store: &dyn Store, min_age: Duration) -> Result<usize, StagingError>;
 }
 
 /// One request's writes to a staging area.
@@ -247,20 +249,19 @@ impl Staging for FileStaging {
         Ok(())
     }
 
-    async fn sweep(&self, store: &dyn Store) -> Result<usize, StagingError> {
+    async fn sweep(&self, store: &dyn Store, min_age: Duration) -> Result<usize, StagingError> {
         let mut dir = tokio::fs::read_dir(&self.dir).await?;
         let mut swept = 0;
         while let Some(entry) = dir.next_entry().await? {
             let name = entry.file_name();
             let Some(id) = name.to_str() else { continue };
-            // Files are created just before their record: only old ones can be orphans.
             let old = entry
                 .metadata()
                 .await
                 .ok()
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age.as_secs() > 3600);
+                .is_some_and(|age| age >= min_age);
             if old && store.upload(id).await?.is_none() {
                 let _ = tokio::fs::remove_file(entry.path()).await;
                 self.forget_hash(id);
