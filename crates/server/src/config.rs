@@ -562,7 +562,7 @@ impl Config {
                 "connections.header_timeout_secs, request_timeout_secs and body_idle_secs must be positive",
             );
         }
-        if let Err(e) = crate::services::push::EndpointPolicy::new(&self.push) {
+        if let Err(e) = crate::push::EndpointPolicy::new(&self.push) {
             return Err(ConfigError::Invalid(format!("push: {e}")));
         }
         let p = &self.push;

@@ -10,7 +10,7 @@
 //! loopback, private and link-local addresses (so a name cannot point the server at itself or
 //! its network), unless the configuration allows loopback for a local push service.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,7 +27,132 @@ use tern_store::PushSubscription;
 use tern_webpush::{Claims, Vapid};
 
 use crate::config::PushConfig;
-use crate::services::push::{EndpointPolicy, is_local};
+
+/// The longest endpoint URL taken (push services use a few hundred bytes).
+pub const MAX_ENDPOINT_BYTES: usize = 1024;
+
+/// Which endpoint URLs a subscription may name.
+#[derive(Debug, Clone)]
+pub struct EndpointPolicy {
+    /// `(scheme, host, port)`; a host starting with `*.` stands for its subdomains.
+    allowed: Vec<(String, String, u16)>,
+    insecure_loopback: bool,
+}
+
+/// Whether `ip` is this machine's, or a private, link-local, shared or special network's.
+pub fn is_local(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                // 0.0.0.0/8 ("this network"), 100.64.0.0/10 (carrier-grade NAT) and
+                // 198.18.0.0/15 (benchmarking).
+                || v4.octets()[0] == 0
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+                || (v4.octets()[0] == 198 && (v4.octets()[1] & 0xfe) == 18)
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unique_local()
+                || v6.is_unicast_link_local()
+        }
+    }
+}
+
+fn host_ip(host: &url::Host<&str>) -> Option<IpAddr> {
+    match host {
+        url::Host::Ipv4(v4) => Some(IpAddr::V4(*v4)),
+        url::Host::Ipv6(v6) => Some(IpAddr::V6(*v6)),
+        url::Host::Domain(_) => None,
+    }
+}
+
+impl EndpointPolicy {
+    pub fn new(config: &PushConfig) -> Result<EndpointPolicy, String> {
+        let mut allowed = Vec::new();
+        for origin in &config.allowed_origins {
+            let wild = origin.contains("://*.");
+            let parsed = url::Url::parse(&origin.replacen("://*.", "://", 1))
+                .map_err(|e| format!("allowed_origins: {origin:?} is not an origin: {e}"))?;
+            let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default())
+            else {
+                return Err(format!("allowed_origins: {origin:?} has no host"));
+            };
+            if parsed.path() != "/" || parsed.query().is_some() || !parsed.username().is_empty() {
+                return Err(format!(
+                    "allowed_origins: {origin:?} is more than an origin"
+                ));
+            }
+            let host = if wild {
+                format!("*.{host}")
+            } else {
+                host.to_owned()
+            };
+            allowed.push((parsed.scheme().to_owned(), host, port));
+        }
+        Ok(EndpointPolicy {
+            allowed,
+            insecure_loopback: config.allow_insecure_loopback,
+        })
+    }
+
+    /// The endpoint's origin (`scheme://host[:port]`, the VAPID audience) if it may be used.
+    pub fn check(&self, endpoint: &str) -> Result<String, String> {
+        if endpoint.len() > MAX_ENDPOINT_BYTES {
+            return Err(format!(
+                "the endpoint is longer than {MAX_ENDPOINT_BYTES} bytes"
+            ));
+        }
+        let url =
+            url::Url::parse(endpoint).map_err(|e| format!("the endpoint is not a URL: {e}"))?;
+        let host = url
+            .host()
+            .ok_or_else(|| "the endpoint has no host".to_owned())?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("the endpoint must not carry credentials".into());
+        }
+        if url.fragment().is_some() {
+            return Err("the endpoint must not have a fragment".into());
+        }
+        let loopback = match host_ip(&host) {
+            Some(ip) => ip.to_canonical().is_loopback(),
+            None => url.host_str() == Some("localhost"),
+        };
+        let insecure_ok = self.insecure_loopback && loopback;
+        match url.scheme() {
+            "https" => {}
+            "http" if insecure_ok => {}
+            _ => return Err("the endpoint must be an https URL".into()),
+        }
+        if let Some(ip) = host_ip(&host)
+            && is_local(ip)
+            && !insecure_ok
+        {
+            return Err("the endpoint names a local or private address".into());
+        }
+        let host_str = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let port = url.port_or_known_default().unwrap_or(0);
+        if !self.allowed.is_empty()
+            && !self.allowed.iter().any(|(scheme, allowed, p)| {
+                scheme == url.scheme()
+                    && *p == port
+                    && match allowed.strip_prefix("*.") {
+                        Some(parent) => host_str.ends_with(&format!(".{parent}")),
+                        None => *allowed == host_str,
+                    }
+            })
+        {
+            return Err("the endpoint's origin is not one this server pushes to".into());
+        }
+        Ok(url.origin().ascii_serialization())
+    }
+}
 
 /// How urgent a push is (RFC 8030 §5.3): push services may hold back low urgency ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,6 +423,84 @@ mod tests {
     use super::*;
     use std::str::FromStr;
     use tower_service::Service;
+
+    fn policy(origins: &[&str], loopback: bool) -> EndpointPolicy {
+        EndpointPolicy::new(&PushConfig {
+            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            allow_insecure_loopback: loopback,
+            ..PushConfig::default()
+        })
+        .expect("policy")
+    }
+
+    #[test]
+    fn endpoints_the_server_pushes_to() {
+        let any = policy(&[], false);
+        assert_eq!(
+            any.check("https://push.example/wpush/v2/abc?x=1")
+                .as_deref(),
+            Ok("https://push.example")
+        );
+        assert_eq!(
+            any.check("https://push.example:8443/abc").as_deref(),
+            Ok("https://push.example:8443")
+        );
+        for bad in [
+            "http://push.example/abc",
+            "ftp://push.example/abc",
+            "https://user:pw@push.example/abc",
+            "https://push.example/abc#frag",
+            "https://127.0.0.1/abc",
+            "https://10.1.2.3/abc",
+            "https://192.168.0.1/abc",
+            "https://169.254.169.254/latest",
+            "https://[::1]/abc",
+            "https://[fd00::1]/abc",
+            "https://[::ffff:127.0.0.1]/abc",
+            "https://100.64.0.1/abc",
+            "https://0.1.2.3/abc",
+            "https://198.19.0.1/abc",
+            "http://127.0.0.1:8080/abc",
+            "not a url",
+            "",
+        ] {
+            assert!(any.check(bad).is_err(), "{bad}");
+        }
+        assert!(
+            any.check(&format!("https://push.example/{}", "a".repeat(1024)))
+                .is_err()
+        );
+
+        let tests = policy(&[], true);
+        assert!(tests.check("http://127.0.0.1:8080/abc").is_ok());
+        assert!(tests.check("http://localhost:8080/abc").is_ok());
+        assert!(tests.check("http://10.1.2.3/abc").is_err(), "loopback only");
+
+        let listed = policy(
+            &["https://push.example", "https://*.ntfy.example:8443"],
+            false,
+        );
+        assert!(listed.check("https://push.example/abc").is_ok());
+        assert!(listed.check("https://up.ntfy.example:8443/abc").is_ok());
+        assert!(
+            listed.check("https://ntfy.example:8443/abc").is_err(),
+            "subdomains only"
+        );
+        assert!(
+            listed.check("https://up.ntfy.example/abc").is_err(),
+            "another port"
+        );
+        assert!(listed.check("https://other.example/abc").is_err());
+        assert!(listed.check("https://push.example.evil/abc").is_err());
+
+        assert!(
+            EndpointPolicy::new(&PushConfig {
+                allowed_origins: vec!["https://push.example/path".into()],
+                ..PushConfig::default()
+            })
+            .is_err()
+        );
+    }
 
     #[tokio::test]
     async fn names_resolve_to_public_addresses_only() {
