@@ -89,6 +89,10 @@ impl ObjectStoreBlobs {
 
     /// An S3-compatible bucket; empty settings fall back to the `AWS_*` environment.
     pub fn s3(c: &S3Config) -> Result<ObjectStoreBlobs, BlobError> {
+        // The S3 client's TLS (reqwest over rustls, built without a provider of its own) uses
+        // the process default: ring, the one crypto library tern links. Installing is
+        // idempotent; an error only says a default is already in place.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&c.bucket);
         if !c.region.is_empty() {
             b = b.with_region(&c.region);
