@@ -285,6 +285,31 @@ pub trait Store: Send + Sync + 'static {
     /// none yet, and whichever value is stored is returned, the same to every process.
     async fn server_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError>;
 
+    /// Claims the right to push `device` now, by the rule of [`logic::push_decision`]. A
+    /// [`PushClaim::Send`] is recorded before it is returned (no other process gets the same
+    /// push) and must be settled with [`Store::settle_push`].
+    async fn claim_push(
+        &self,
+        device: DeviceId,
+        now_ms: i64,
+        rules: PushRules,
+    ) -> Result<PushClaim, StoreError>;
+
+    /// Settles the claim that announced `mseq` (nothing if a newer claim replaced it):
+    /// `sent` when the push service took the push (or refused it for good); otherwise the
+    /// claim is released, and the next message or scan may claim again.
+    async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError>;
+
+    /// Devices with a subscription that the rule may owe a push (whether they are connected
+    /// is not known here), in id order after `after`, at most `limit`.
+    async fn push_candidates(
+        &self,
+        now_ms: i64,
+        rules: PushRules,
+        after: DeviceId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, DeviceId)>, StoreError>;
+
     // --- key directory (public keys for end-to-end encryption, stored opaquely) ---
 
     /// Publishes a device's keys in one transaction: identity keys (once; different ones later

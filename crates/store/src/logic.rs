@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use tern_proto::frames::{GroupAction, GroupEvent, UserRef as WireUser};
 
 use crate::{
-    DeviceAuth, DeviceId, GroupOp, GroupRecord, MediaHash, MemberRecord, Role, StoreError,
-    UploadRecord, UserId, UserRef, Visibility,
+    DeviceAuth, DeviceId, GroupOp, GroupRecord, MediaHash, MemberRecord, PushRules, PushState,
+    Role, StoreError, UploadRecord, UserId, UserRef, Visibility,
 };
 
 /// How every backend stores a last-seen visibility.
@@ -328,5 +328,119 @@ mod tests {
                 Err(other) => prop_assert!(false, "unexpected {:?}", other),
             }
         }
+    }
+}
+
+/// Whether a device may be pushed now, and what the push announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushDecision {
+    Nothing,
+    NotBefore(i64),
+    /// Announce the messages up to this mailbox entry.
+    Send(u64),
+}
+
+/// The push rule (PROTOCOL.md §10), from a device's push state and its mailbox: `newest` is
+/// its newest message entry, `oldest` its oldest entry of any kind. A push is *answered* once
+/// the device has acknowledged every entry it announced (acknowledged entries leave the
+/// mailbox); until then, or until it counts as lost, the device gets no other push.
+pub fn push_decision(
+    last: &PushState,
+    newest: Option<u64>,
+    oldest: Option<u64>,
+    now_ms: i64,
+    rules: &PushRules,
+) -> PushDecision {
+    let Some(newest) = newest else {
+        return PushDecision::Nothing;
+    };
+    if let (Some(pushed), Some(at)) = (last.pushed_mseq, last.pushed_ms) {
+        let unanswered = oldest.is_some_and(|o| o <= pushed);
+        let lost_after = if last.confirmed {
+            rules.unanswered_ms
+        } else {
+            rules.abandoned_ms
+        };
+        if unanswered && now_ms < at.saturating_add(lost_after) {
+            return PushDecision::Nothing;
+        }
+    }
+    if let Some(at) = last.pushed_ms
+        && now_ms < at.saturating_add(rules.window_ms)
+    {
+        return PushDecision::NotBefore(at.saturating_add(rules.window_ms));
+    }
+    PushDecision::Send(newest)
+}
+
+#[cfg(test)]
+mod push_tests {
+    use super::*;
+
+    const RULES: PushRules = PushRules {
+        window_ms: 3_000,
+        unanswered_ms: 86_400_000,
+        abandoned_ms: 600_000,
+    };
+
+    fn pushed(mseq: u64, at: i64, confirmed: bool) -> PushState {
+        PushState {
+            pushed_mseq: Some(mseq),
+            pushed_ms: Some(at),
+            confirmed,
+        }
+    }
+
+    #[test]
+    fn the_push_rule() {
+        use PushDecision::*;
+        let never = PushState::default();
+        assert_eq!(
+            push_decision(&never, None, Some(1), 0, &RULES),
+            Nothing,
+            "receipts only"
+        );
+        assert_eq!(push_decision(&never, Some(4), Some(1), 0, &RULES), Send(4));
+        // Unanswered (entry 2 of those announced up to 4 is still there): nothing, however
+        // many messages follow, until it counts as lost.
+        let last = pushed(4, 1_000, true);
+        assert_eq!(
+            push_decision(&last, Some(9), Some(2), 60_000, &RULES),
+            Nothing
+        );
+        assert_eq!(
+            push_decision(&last, Some(9), Some(2), 1_000 + 86_400_000, &RULES),
+            Send(9)
+        );
+        // A claim never settled is abandoned sooner.
+        let abandoned = pushed(4, 1_000, false);
+        assert_eq!(
+            push_decision(&abandoned, Some(4), Some(2), 60_000, &RULES),
+            Nothing
+        );
+        assert_eq!(
+            push_decision(&abandoned, Some(4), Some(2), 601_000, &RULES),
+            Send(4)
+        );
+        // Answered (everything up to 4 acknowledged): the next message pushes, once the
+        // window since the last push has passed.
+        assert_eq!(
+            push_decision(&last, Some(5), Some(5), 2_000, &RULES),
+            NotBefore(4_000)
+        );
+        assert_eq!(
+            push_decision(&last, Some(5), Some(5), 4_000, &RULES),
+            Send(5)
+        );
+        // Released after a failure: the window still holds.
+        let released = PushState {
+            pushed_mseq: None,
+            pushed_ms: Some(1_000),
+            confirmed: false,
+        };
+        assert_eq!(
+            push_decision(&released, Some(4), Some(1), 1_500, &RULES),
+            NotBefore(4_000)
+        );
     }
 }

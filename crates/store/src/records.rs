@@ -401,6 +401,47 @@ impl std::fmt::Debug for PushSubscription {
     }
 }
 
+/// When a device may be woken by a push again (PROTOCOL.md §10). Times in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushRules {
+    /// At most one push per device per window.
+    pub window_ms: i64,
+    /// A push the push service took, answered by no connection, counts as lost after this
+    /// (the push service's TTL): another may be sent.
+    pub unanswered_ms: i64,
+    /// A claimed push its sender never settled counts as abandoned after this (the sender
+    /// died mid-way): it may be claimed again.
+    pub abandoned_ms: i64,
+}
+
+/// What a device's last push was, as the store keeps it beside its subscription.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushState {
+    /// The newest message entry the last push announced; `None` once a failed push is
+    /// released (or before the first).
+    pub pushed_mseq: Option<u64>,
+    /// When the last push was claimed.
+    pub pushed_ms: Option<i64>,
+    /// Whether the push service took it.
+    pub confirmed: bool,
+}
+
+/// The answer to [`crate::Store::claim_push`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushClaim {
+    /// Nothing to send: no subscription, no message waiting, or the last push is still
+    /// unanswered (the device has not collected what it announced).
+    Nothing,
+    /// Too soon after the last push: ask again at `at_ms`.
+    NotBefore { at_ms: i64 },
+    /// Claimed: wake `subscription` (announcing `waiting` messages), then settle `mseq`.
+    Send {
+        subscription: PushSubscription,
+        mseq: u64,
+        waiting: u32,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceKeysRecord {
     pub device: DeviceId,

@@ -1478,6 +1478,128 @@ async fn push_subscriptions_and_server_secrets(f: Fixture) {
     assert_eq!(seen.len(), 1, "one value for everyone: {seen:?}");
 }
 
+async fn push_claims_announce_each_burst_once(f: Fixture) {
+    let s = &*f.store;
+    let alice = user(s, "alice", 1).await;
+    let bob = user(s, "bob", 1).await;
+    let (b, bu) = (bob[0].device_id, bob[0].user_id);
+    let rules = PushRules {
+        window_ms: 3_000,
+        unanswered_ms: 100_000,
+        abandoned_ms: 50_000,
+    };
+    let sub = |endpoint: &str| PushSubscription {
+        endpoint: endpoint.into(),
+        p256dh: vec![4; 65],
+        auth: vec![7; 16],
+        updated_ms: 1,
+    };
+    let post = |id: &'static str| s.post_message(to(&alice[0], bu, id, &[b]));
+    let claim = |now: i64| s.claim_push(b, now, rules);
+    let candidates = |now: i64| s.push_candidates(now, rules, 0, 100);
+    let send = |mseq: u64, waiting: u32| PushClaim::Send {
+        subscription: sub("https://push.example/a"),
+        mseq,
+        waiting,
+    };
+
+    post("m1").await.expect("post");
+    assert_eq!(
+        claim(10).await.expect("claim"),
+        PushClaim::Nothing,
+        "no subscription"
+    );
+    s.set_push_subscription(b, sub("https://push.example/a"))
+        .await
+        .expect("subscribe");
+    post("m2").await.expect("post");
+    assert_eq!(candidates(10).await.expect("scan"), vec![(bu, b)]);
+    assert_eq!(claim(10).await.expect("claim"), send(2, 2));
+    // Claimed: nobody else gets it, and later messages wait for an answer.
+    assert_eq!(claim(11).await.expect("claim"), PushClaim::Nothing);
+    assert!(candidates(11).await.expect("scan").is_empty());
+    s.settle_push(b, 2, true).await.expect("sent");
+    post("m3").await.expect("post");
+    assert_eq!(
+        claim(5_000).await.expect("claim"),
+        PushClaim::Nothing,
+        "unanswered"
+    );
+    assert!(candidates(5_000).await.expect("scan").is_empty());
+    // Answered: the device collected everything; the next message pushes after the window.
+    s.ack(bob[0].clone(), 3, 20).await.expect("ack");
+    post("m4").await.expect("post");
+    assert_eq!(
+        claim(1_000).await.expect("claim"),
+        PushClaim::NotBefore { at_ms: 3_010 }
+    );
+    assert_eq!(candidates(1_000).await.expect("scan"), vec![(bu, b)]);
+    assert_eq!(claim(3_010).await.expect("claim"), send(4, 1));
+    // A failed push is released: claimed again once the window has passed.
+    s.settle_push(b, 4, false).await.expect("release");
+    assert_eq!(candidates(3_011).await.expect("scan"), vec![(bu, b)]);
+    assert_eq!(
+        claim(3_011).await.expect("claim"),
+        PushClaim::NotBefore { at_ms: 6_010 }
+    );
+    assert_eq!(claim(6_010).await.expect("claim"), send(4, 1));
+    // A claim never settled is abandoned after its time; a sent one unanswered, after its.
+    assert!(candidates(6_010 + 49_999).await.expect("scan").is_empty());
+    assert_eq!(
+        candidates(6_010 + 50_000).await.expect("scan"),
+        vec![(bu, b)]
+    );
+    assert_eq!(claim(6_010 + 50_000).await.expect("claim"), send(4, 1));
+    s.settle_push(b, 4, true).await.expect("sent");
+    s.settle_push(b, 3, false)
+        .await
+        .expect("a stale settle changes nothing");
+    assert!(candidates(56_010 + 99_999).await.expect("scan").is_empty());
+    assert_eq!(claim(56_010 + 100_000).await.expect("claim"), send(4, 1));
+    // A new endpoint has heard nothing: it is pushed, unanswered or not.
+    s.set_push_subscription(b, sub("https://push.example/z"))
+        .await
+        .expect("resubscribe");
+    assert!(matches!(
+        claim(200_000).await.expect("claim"),
+        PushClaim::Send { mseq: 4, .. }
+    ));
+    // Receipts alone never push: alice's mailbox holds only bob's delivered receipt.
+    s.set_push_subscription(alice[0].device_id, sub("https://push.example/alice"))
+        .await
+        .expect("subscribe");
+    assert!(!receipts_of(s, alice[0].device_id).await.is_empty());
+    assert_eq!(
+        s.claim_push(alice[0].device_id, 300_000, rules)
+            .await
+            .expect("claim"),
+        PushClaim::Nothing
+    );
+    // Several processes claiming at once: one push.
+    s.ack(bob[0].clone(), 4, 300_000).await.expect("ack");
+    post("m5").await.expect("post");
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let s = f.store.clone();
+            tokio::spawn(async move { s.claim_push(b, 400_000, rules).await.expect("race") })
+        })
+        .collect();
+    let mut sends = 0;
+    for r in racers {
+        sends += matches!(r.await.expect("join"), PushClaim::Send { .. }) as u32;
+    }
+    assert_eq!(sends, 1);
+    assert!(candidates(400_001).await.expect("scan").is_empty());
+    // Paging: after the last candidate, nothing.
+    s.settle_push(b, 5, false).await.expect("release");
+    assert!(
+        s.push_candidates(500_000, rules, b, 100)
+            .await
+            .expect("scan")
+            .is_empty()
+    );
+}
+
 async fn media_garbage_is_expired_uploads_and_unreferenced_objects(f: Fixture) {
     let s = &*f.store;
     let alice = user(s, "alice", 1).await[0].user_id;
@@ -2189,6 +2311,7 @@ macro_rules! conformance {
                 media_garbage_is_expired_uploads_and_unreferenced_objects,
                 upload_progress_and_leases,
                 push_subscriptions_and_server_secrets,
+                push_claims_announce_each_burst_once,
                 key_directory_publish_list_and_claim,
                 mailbox_entry_bound_refuses_and_stores_nothing,
                 mailbox_byte_bound_refuses_and_stores_nothing,

@@ -729,6 +729,29 @@ impl Store for PgStore {
         push::server_secret(&self.client().await?, name, &candidate).await
     }
 
+    async fn claim_push(
+        &self,
+        device: DeviceId,
+        now_ms: i64,
+        rules: PushRules,
+    ) -> Result<PushClaim, StoreError> {
+        transaction!(self, |t| push::claim_push(&t, device, now_ms, &rules).await)
+    }
+
+    async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError> {
+        push::settle_push(&self.client().await?, device, mseq, sent).await
+    }
+
+    async fn push_candidates(
+        &self,
+        now_ms: i64,
+        rules: PushRules,
+        after: DeviceId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        push::push_candidates(&self.client().await?, now_ms, &rules, after, limit).await
+    }
+
     async fn publish_keys(
         &self,
         device: DeviceId,

@@ -2,7 +2,8 @@
 
 use deadpool_postgres::GenericClient;
 
-use super::{RowExt, execute, id, query_one, query_opt};
+use super::{RowExt, execute, id, query, query_one, query_opt};
+use crate::logic::{PushDecision, push_decision};
 use crate::*;
 
 pub async fn set_push_subscription<C: GenericClient>(
@@ -26,7 +27,9 @@ pub async fn set_push_subscription<C: GenericClient>(
         "INSERT INTO push_subscriptions (device_id, endpoint, p256dh, auth, updated_ms)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (device_id) DO UPDATE SET endpoint = EXCLUDED.endpoint,
-             p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, updated_ms = EXCLUDED.updated_ms",
+             p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, updated_ms = EXCLUDED.updated_ms,
+             pushed_mseq = CASE WHEN push_subscriptions.endpoint = EXCLUDED.endpoint
+                 THEN push_subscriptions.pushed_mseq END",
         &[&id(device), &s.endpoint, &s.p256dh, &s.auth, &s.updated_ms],
     )
     .await?;
@@ -86,4 +89,120 @@ pub async fn server_secret<C: GenericClient>(
     )
     .await?
     .col(0)
+}
+
+/// In a transaction: the subscription row stays locked until the claim is recorded, so two
+/// nodes deciding at once take turns.
+pub async fn claim_push<C: GenericClient>(
+    c: &C,
+    device: DeviceId,
+    now_ms: i64,
+    rules: &PushRules,
+) -> Result<PushClaim, StoreError> {
+    let Some(r) = query_opt(
+        c,
+        "SELECT endpoint, p256dh, auth, updated_ms, pushed_mseq, pushed_ms, push_confirmed
+         FROM push_subscriptions WHERE device_id = $1 FOR UPDATE",
+        &[&id(device)],
+    )
+    .await?
+    else {
+        return Ok(PushClaim::Nothing);
+    };
+    let subscription = PushSubscription {
+        endpoint: r.col(0)?,
+        p256dh: r.col(1)?,
+        auth: r.col(2)?,
+        updated_ms: r.col(3)?,
+    };
+    let last = PushState {
+        pushed_mseq: r.col::<Option<i64>>(4)?.map(|m| m as u64),
+        pushed_ms: r.col(5)?,
+        confirmed: r.col(6)?,
+    };
+    let m = query_one(
+        c,
+        "SELECT count(*) FILTER (WHERE kind = 1), max(mseq) FILTER (WHERE kind = 1), min(mseq)
+         FROM mailbox WHERE device_id = $1",
+        &[&id(device)],
+    )
+    .await?;
+    let waiting: i64 = m.col(0)?;
+    let newest: Option<i64> = m.col(1)?;
+    let oldest: Option<i64> = m.col(2)?;
+    let decision = push_decision(
+        &last,
+        newest.map(|m| m as u64),
+        oldest.map(|m| m as u64),
+        now_ms,
+        rules,
+    );
+    Ok(match decision {
+        PushDecision::Nothing => PushClaim::Nothing,
+        PushDecision::NotBefore(at_ms) => PushClaim::NotBefore { at_ms },
+        PushDecision::Send(mseq) => {
+            execute(
+                c,
+                "UPDATE push_subscriptions SET pushed_mseq = $2, pushed_ms = $3,
+                     push_confirmed = FALSE
+                 WHERE device_id = $1",
+                &[&id(device), &id(mseq), &now_ms],
+            )
+            .await?;
+            PushClaim::Send {
+                subscription,
+                mseq,
+                waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+            }
+        }
+    })
+}
+
+pub async fn settle_push<C: GenericClient>(
+    c: &C,
+    device: DeviceId,
+    mseq: u64,
+    sent: bool,
+) -> Result<(), StoreError> {
+    let sql = if sent {
+        "UPDATE push_subscriptions SET push_confirmed = TRUE
+         WHERE device_id = $1 AND pushed_mseq = $2"
+    } else {
+        "UPDATE push_subscriptions SET pushed_mseq = NULL, push_confirmed = FALSE
+         WHERE device_id = $1 AND pushed_mseq = $2"
+    };
+    execute(c, sql, &[&id(device), &id(mseq)]).await?;
+    Ok(())
+}
+
+/// The rule of [`push_decision`] without the window, over every subscription.
+pub async fn push_candidates<C: GenericClient>(
+    c: &C,
+    now_ms: i64,
+    rules: &PushRules,
+    after: DeviceId,
+    limit: usize,
+) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+    let rows = query(
+        c,
+        "SELECT d.user_id, s.device_id FROM push_subscriptions s JOIN devices d ON d.id = s.device_id
+         WHERE s.device_id > $1
+           AND EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id AND m.kind = 1)
+           AND (s.pushed_mseq IS NULL
+                OR NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id
+                               AND m.mseq <= s.pushed_mseq)
+                OR s.pushed_ms <= $2 - CASE WHEN s.push_confirmed THEN $3::BIGINT ELSE $4::BIGINT END)
+         ORDER BY s.device_id LIMIT $5",
+        &[
+            &id(after),
+            &now_ms,
+            &rules.unanswered_ms,
+            &rules.abandoned_ms,
+            &(limit as i64),
+        ],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.col::<i64>(0)? as u64, r.col::<i64>(1)? as u64)))
+        .collect()
 }

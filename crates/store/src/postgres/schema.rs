@@ -166,7 +166,8 @@ const MIGRATIONS: &[&str] = &[
         until_ms    BIGINT NOT NULL
     );
     "#,
-    // 3: push: each device's Web Push subscription (gone with the device), and secrets the
+    // 3: push: each device's Web Push subscription (gone with the device) with its last
+    //    push's state (PushState), and secrets the
     //    server makes once and keeps (the VAPID key), shared by every node.
     r#"
     CREATE TABLE push_subscriptions (
@@ -174,7 +175,10 @@ const MIGRATIONS: &[&str] = &[
         endpoint    TEXT NOT NULL,
         p256dh      BYTEA NOT NULL,
         auth        BYTEA NOT NULL,
-        updated_ms  BIGINT NOT NULL
+        updated_ms  BIGINT NOT NULL,
+        pushed_mseq BIGINT,
+        pushed_ms   BIGINT,
+        push_confirmed BOOLEAN NOT NULL DEFAULT FALSE
     );
     CREATE TABLE server_secrets (
         name        TEXT PRIMARY KEY,

@@ -560,6 +560,33 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn claim_push(
+        &self,
+        device: DeviceId,
+        now_ms: i64,
+        rules: PushRules,
+    ) -> Result<PushClaim, StoreError> {
+        // On the writer: the read and the claim it decides are one transaction.
+        self.write(move |t, _| push::claim_push(t, device, now_ms, &rules))
+            .await
+    }
+
+    async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError> {
+        self.write(move |t, _| push::settle_push(t, device, mseq, sent))
+            .await
+    }
+
+    async fn push_candidates(
+        &self,
+        now_ms: i64,
+        rules: PushRules,
+        after: DeviceId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        self.read(move |c| push::push_candidates(c, now_ms, &rules, after, limit))
+            .await
+    }
+
     async fn publish_keys(
         &self,
         device: DeviceId,

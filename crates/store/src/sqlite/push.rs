@@ -2,6 +2,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::logic::{PushDecision, push_decision};
 use crate::*;
 
 pub fn set_push_subscription(
@@ -23,7 +24,9 @@ pub fn set_push_subscription(
         "INSERT INTO push_subscriptions (device_id, endpoint, p256dh, auth, updated_ms)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (device_id) DO UPDATE SET endpoint = excluded.endpoint,
-             p256dh = excluded.p256dh, auth = excluded.auth, updated_ms = excluded.updated_ms",
+             p256dh = excluded.p256dh, auth = excluded.auth, updated_ms = excluded.updated_ms,
+             pushed_mseq = CASE WHEN push_subscriptions.endpoint = excluded.endpoint
+                 THEN push_subscriptions.pushed_mseq END",
     )?
     .execute(params![
         device as i64,
@@ -74,4 +77,115 @@ pub fn server_secret(c: &Connection, name: &str, candidate: &[u8]) -> Result<Vec
         c.prepare_cached("SELECT value FROM server_secrets WHERE name = ?1")?
             .query_row([name], |r| r.get(0))?,
     )
+}
+
+pub fn claim_push(
+    c: &Connection,
+    device: DeviceId,
+    now_ms: i64,
+    rules: &PushRules,
+) -> Result<PushClaim, StoreError> {
+    let row = c
+        .prepare_cached(
+            "SELECT endpoint, p256dh, auth, updated_ms, pushed_mseq, pushed_ms, push_confirmed
+             FROM push_subscriptions WHERE device_id = ?1",
+        )?
+        .query_row([device as i64], |r| {
+            Ok((
+                PushSubscription {
+                    endpoint: r.get(0)?,
+                    p256dh: r.get(1)?,
+                    auth: r.get(2)?,
+                    updated_ms: r.get(3)?,
+                },
+                PushState {
+                    pushed_mseq: r.get::<_, Option<i64>>(4)?.map(|m| m as u64),
+                    pushed_ms: r.get(5)?,
+                    confirmed: r.get(6)?,
+                },
+            ))
+        })
+        .optional()?;
+    let Some((subscription, last)) = row else {
+        return Ok(PushClaim::Nothing);
+    };
+    let (waiting, newest): (i64, Option<i64>) = c
+        .prepare_cached(
+            "SELECT count(*), max(mseq) FROM mailbox WHERE device_id = ?1 AND kind = 1",
+        )?
+        .query_row([device as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let oldest: Option<i64> = c
+        .prepare_cached("SELECT min(mseq) FROM mailbox WHERE device_id = ?1")?
+        .query_row([device as i64], |r| r.get(0))?;
+    let decision = push_decision(
+        &last,
+        newest.map(|m| m as u64),
+        oldest.map(|m| m as u64),
+        now_ms,
+        rules,
+    );
+    Ok(match decision {
+        PushDecision::Nothing => PushClaim::Nothing,
+        PushDecision::NotBefore(at_ms) => PushClaim::NotBefore { at_ms },
+        PushDecision::Send(mseq) => {
+            c.prepare_cached(
+                "UPDATE push_subscriptions SET pushed_mseq = ?2, pushed_ms = ?3, push_confirmed = 0
+                 WHERE device_id = ?1",
+            )?
+            .execute(params![device as i64, mseq as i64, now_ms])?;
+            PushClaim::Send {
+                subscription,
+                mseq,
+                waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+            }
+        }
+    })
+}
+
+pub fn settle_push(
+    c: &Connection,
+    device: DeviceId,
+    mseq: u64,
+    sent: bool,
+) -> Result<(), StoreError> {
+    let sql = if sent {
+        "UPDATE push_subscriptions SET push_confirmed = 1 WHERE device_id = ?1 AND pushed_mseq = ?2"
+    } else {
+        "UPDATE push_subscriptions SET pushed_mseq = NULL, push_confirmed = 0
+         WHERE device_id = ?1 AND pushed_mseq = ?2"
+    };
+    c.prepare_cached(sql)?
+        .execute(params![device as i64, mseq as i64])?;
+    Ok(())
+}
+
+/// The rule of [`push_decision`] without the window, over every subscription.
+pub fn push_candidates(
+    c: &Connection,
+    now_ms: i64,
+    rules: &PushRules,
+    after: DeviceId,
+    limit: usize,
+) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+    let mut st = c.prepare_cached(
+        "SELECT d.user_id, s.device_id FROM push_subscriptions s JOIN devices d ON d.id = s.device_id
+         WHERE s.device_id > ?1
+           AND EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id AND m.kind = 1)
+           AND (s.pushed_mseq IS NULL
+                OR NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id
+                               AND m.mseq <= s.pushed_mseq)
+                OR s.pushed_ms <= ?2 - CASE WHEN s.push_confirmed THEN ?3 ELSE ?4 END)
+         ORDER BY s.device_id LIMIT ?5",
+    )?;
+    let rows = st.query_map(
+        params![
+            after as i64,
+            now_ms,
+            rules.unanswered_ms,
+            rules.abandoned_ms,
+            limit as i64
+        ],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -192,7 +192,8 @@ const MIGRATIONS: &[&str] = &[
         until_ms    INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
-    // 7: push: each device's Web Push subscription (gone with the device), and secrets the
+    // 7: push: each device's Web Push subscription (gone with the device) with what its last
+    //    push announced, when, and whether it was sent (PushState), and secrets the
     //    server makes once and keeps (the VAPID key), shared by every process of the store.
     r#"
     CREATE TABLE push_subscriptions (
@@ -200,7 +201,10 @@ const MIGRATIONS: &[&str] = &[
         endpoint    TEXT NOT NULL,
         p256dh      BLOB NOT NULL,
         auth        BLOB NOT NULL,
-        updated_ms  INTEGER NOT NULL
+        updated_ms  INTEGER NOT NULL,
+        pushed_mseq INTEGER,
+        pushed_ms   INTEGER,
+        push_confirmed INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE server_secrets (
         name        TEXT PRIMARY KEY,
