@@ -285,15 +285,16 @@ pub trait Store: Send + Sync + 'static {
     /// none yet, and whichever value is stored is returned, the same to every process.
     async fn server_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError>;
 
-    /// Claims the right to push `device` now, by the rule of [`logic::push_decision`]. A
+    /// Claims the right to push each of `devices` now, by the rule of
+    /// [`logic::push_decision`]; the answers are in the order of `devices`. A
     /// [`PushClaim::Send`] is recorded before it is returned (no other process gets the same
     /// push) and must be settled with [`Store::settle_push`].
-    async fn claim_push(
+    async fn claim_pushes(
         &self,
-        device: DeviceId,
+        devices: Vec<DeviceId>,
         now_ms: i64,
         rules: PushRules,
-    ) -> Result<PushClaim, StoreError>;
+    ) -> Result<Vec<PushClaim>, StoreError>;
 
     /// Settles the claim that announced `mseq` (nothing if a newer claim replaced it):
     /// `sent` when the push service took the push (or refused it for good); otherwise the

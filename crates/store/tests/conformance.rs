@@ -1495,7 +1495,11 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
         updated_ms: 1,
     };
     let post = |id: &'static str| s.post_message(to(&alice[0], bu, id, &[b]));
-    let claim = |now: i64| s.claim_push(b, now, rules);
+    let claim = |now: i64| async move {
+        s.claim_pushes(vec![b], now, rules)
+            .await
+            .map(|mut claims| claims.remove(0))
+    };
     let candidates = |now: i64| s.push_candidates(now, rules, 0, 100);
     let send = |mseq: u64, waiting: u32| PushClaim::Send {
         subscription: sub("https://push.example/a"),
@@ -1570,23 +1574,30 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
         .expect("subscribe");
     assert!(!receipts_of(s, alice[0].device_id).await.is_empty());
     assert_eq!(
-        s.claim_push(alice[0].device_id, 300_000, rules)
+        s.claim_pushes(vec![alice[0].device_id], 300_000, rules)
             .await
             .expect("claim"),
-        PushClaim::Nothing
+        vec![PushClaim::Nothing]
     );
     // Several processes claiming at once: one push.
     s.ack(bob[0].clone(), 4, 300_000).await.expect("ack");
     post("m5").await.expect("post");
+    let a = alice[0].device_id;
     let racers: Vec<_> = (0..8)
         .map(|_| {
             let s = f.store.clone();
-            tokio::spawn(async move { s.claim_push(b, 400_000, rules).await.expect("race") })
+            tokio::spawn(async move {
+                s.claim_pushes(vec![a, b], 400_000, rules)
+                    .await
+                    .expect("race")
+            })
         })
         .collect();
     let mut sends = 0;
     for r in racers {
-        sends += matches!(r.await.expect("join"), PushClaim::Send { .. }) as u32;
+        let claims = r.await.expect("join");
+        assert_eq!(claims[0], PushClaim::Nothing, "answers in the order asked");
+        sends += matches!(claims[1], PushClaim::Send { .. }) as u32;
     }
     assert_eq!(sends, 1);
     assert!(candidates(400_001).await.expect("scan").is_empty());

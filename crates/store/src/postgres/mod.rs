@@ -729,13 +729,14 @@ impl Store for PgStore {
         push::server_secret(&self.client().await?, name, &candidate).await
     }
 
-    async fn claim_push(
+    async fn claim_pushes(
         &self,
-        device: DeviceId,
+        devices: Vec<DeviceId>,
         now_ms: i64,
         rules: PushRules,
-    ) -> Result<PushClaim, StoreError> {
-        transaction!(self, |t| push::claim_push(&t, device, now_ms, &rules).await)
+    ) -> Result<Vec<PushClaim>, StoreError> {
+        transaction!(self, |t| push::claim_pushes(&t, &devices, now_ms, &rules)
+            .await)
     }
 
     async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError> {

@@ -91,9 +91,25 @@ pub async fn server_secret<C: GenericClient>(
     .col(0)
 }
 
-/// In a transaction: the subscription row stays locked until the claim is recorded, so two
-/// nodes deciding at once take turns.
-pub async fn claim_push<C: GenericClient>(
+/// In a transaction: each subscription row stays locked until its claim is recorded, so two
+/// nodes deciding at once take turns; rows are locked in device order, so they cannot
+/// deadlock.
+pub async fn claim_pushes<C: GenericClient>(
+    c: &C,
+    devices: &[DeviceId],
+    now_ms: i64,
+    rules: &PushRules,
+) -> Result<Vec<PushClaim>, StoreError> {
+    let mut order: Vec<usize> = (0..devices.len()).collect();
+    order.sort_by_key(|&i| devices[i]);
+    let mut claims = vec![PushClaim::Nothing; devices.len()];
+    for i in order {
+        claims[i] = claim_push(c, devices[i], now_ms, rules).await?;
+    }
+    Ok(claims)
+}
+
+async fn claim_push<C: GenericClient>(
     c: &C,
     device: DeviceId,
     now_ms: i64,

@@ -560,15 +560,20 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn claim_push(
+    async fn claim_pushes(
         &self,
-        device: DeviceId,
+        devices: Vec<DeviceId>,
         now_ms: i64,
         rules: PushRules,
-    ) -> Result<PushClaim, StoreError> {
-        // On the writer: the read and the claim it decides are one transaction.
-        self.write(move |t, _| push::claim_push(t, device, now_ms, &rules))
-            .await
+    ) -> Result<Vec<PushClaim>, StoreError> {
+        // On the writer: each read and the claim it decides are one transaction.
+        self.write(move |t, _| {
+            devices
+                .iter()
+                .map(|&d| push::claim_push(t, d, now_ms, &rules))
+                .collect()
+        })
+        .await
     }
 
     async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError> {
