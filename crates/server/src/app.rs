@@ -20,6 +20,7 @@ use crate::config::{BlobBackend, Config, StorageBackend};
 use crate::delivery::Hub;
 use crate::media::{BlobStore, FileStaging, FsBlobs, Media, Staging};
 use crate::net::ConnLimiter;
+use crate::push::WebPush;
 use crate::ratelimit::{RateLimiter, RateLimits};
 use crate::services::accounts::Accounts;
 use crate::services::groups::Groups;
@@ -192,6 +193,15 @@ impl AppState {
         ));
         let keys = Arc::new(Keys::new(store.clone(), config.limits.clone()));
         let push = Arc::new(Push::new(store.clone(), clock.clone(), &config.push).await?);
+        let sender = WebPush::new(push.vapid(), &config.push).map_err(anyhow::Error::msg)?;
+        crate::services::pusher::start(
+            store.clone(),
+            hub.clone(),
+            clock.clone(),
+            Arc::new(sender),
+            &config.push,
+            shutdown.clone(),
+        );
         let descriptors = crate::net::descriptor_limit();
         let max_connections = crate::net::total_bound(config.connections.max_total, descriptors);
         tracing::info!(

@@ -66,6 +66,15 @@ pub struct PushConfig {
     pub allowed_origins: Vec<String>,
     /// Also `http` and loopback endpoints (a push service on this machine, as in tests).
     pub allow_insecure_loopback: bool,
+    /// At most one push per device in this many milliseconds (a burst of messages wakes a
+    /// device once).
+    pub coalesce_ms: u64,
+    /// How often every node looks in the store for devices still owed a push (after a
+    /// restart, a full queue or a failed push service); the first look is one coalescing
+    /// window after start.
+    pub scan_secs: u64,
+    /// Pushes in flight at once, per node.
+    pub concurrency: usize,
 }
 
 impl Default for PushConfig {
@@ -80,6 +89,9 @@ impl Default for PushConfig {
             vapid_private_key: String::new(),
             allowed_origins: Vec::new(),
             allow_insecure_loopback: false,
+            coalesce_ms: 3_000,
+            scan_secs: 60,
+            concurrency: 64,
         }
     }
 }
@@ -103,6 +115,9 @@ impl std::fmt::Debug for PushConfig {
             )
             .field("allowed_origins", &self.allowed_origins)
             .field("allow_insecure_loopback", &self.allow_insecure_loopback)
+            .field("coalesce_ms", &self.coalesce_ms)
+            .field("scan_secs", &self.scan_secs)
+            .field("concurrency", &self.concurrency)
             .finish()
     }
 }
@@ -570,6 +585,9 @@ impl Config {
             return bad(
                 "push.max_attempts and push.request_timeout_secs must be positive, push.ttl_secs at most 28 days",
             );
+        }
+        if p.scan_secs == 0 || p.concurrency == 0 || p.concurrency > 4096 {
+            return bad("push.scan_secs must be positive, push.concurrency between 1 and 4096");
         }
         if !(p.subject.is_empty()
             || p.subject.starts_with("mailto:")

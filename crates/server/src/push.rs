@@ -187,8 +187,13 @@ pub enum Outcome {
     Delivered { attempts: u32 },
     /// The subscription is gone (404 or 410): forget it.
     Gone,
-    /// Refused for good (another 4xx), or still failing after every attempt.
-    Failed { attempts: u32, reason: String },
+    /// Refused for good (another 4xx, or an endpoint or keys the sender cannot use:
+    /// `permanent`), or still failing after every attempt.
+    Failed {
+        attempts: u32,
+        permanent: bool,
+        reason: String,
+    },
 }
 
 #[async_trait]
@@ -369,6 +374,7 @@ impl Provider for WebPush {
             Err(reason) => {
                 return Outcome::Failed {
                     attempts: 0,
+                    permanent: true,
                     reason,
                 };
             }
@@ -379,6 +385,7 @@ impl Provider for WebPush {
                 Err(e) => {
                     return Outcome::Failed {
                         attempts: 0,
+                        permanent: true,
                         reason: e.to_string(),
                     };
                 }
@@ -403,6 +410,7 @@ impl Provider for WebPush {
                     metrics::counter!("tern_push_failed_total").increment(1);
                     return Outcome::Failed {
                         attempts,
+                        permanent: true,
                         reason: format!("the push service refused it ({status})"),
                     };
                 }
@@ -410,7 +418,11 @@ impl Provider for WebPush {
             };
             if attempts >= self.config.max_attempts {
                 metrics::counter!("tern_push_failed_total").increment(1);
-                return Outcome::Failed { attempts, reason };
+                return Outcome::Failed {
+                    attempts,
+                    permanent: false,
+                    reason,
+                };
             }
             metrics::counter!("tern_push_retried_total").increment(1);
             tokio::time::sleep(self.backoff(attempts, retry_after)).await;

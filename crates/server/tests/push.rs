@@ -190,153 +190,21 @@ async fn the_allowed_origins_and_loopback_are_configured() {
 
 // --- sending: a push service played by the test ---
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::push::PushService;
 
 use tern_server::push::{Outcome, Provider, Urgency, Wake, WebPush};
 use tern_store::PushSubscription;
-
-/// The push service's next answers: a status, and a `Retry-After` in seconds.
-type Script = Arc<Mutex<VecDeque<(u16, Option<u64>)>>>;
-
-/// What the push service saw of one request, after checking it as a real one would.
-#[derive(Debug, Clone)]
-struct Received {
-    at: Instant,
-    plaintext: Vec<u8>,
-    urgency: Option<String>,
-    topic: Option<String>,
-    ttl: Option<String>,
-}
-
-/// A Web Push service on 127.0.0.1: checks the VAPID signature and claims (the key it
-/// expects, `aud` its own origin, `exp` within 24 hours, `sub`), decrypts the body with the
-/// subscription's private key, and answers as scripted (201 once the script is done).
-struct PushService {
-    origin: String,
-    received: Arc<Mutex<Vec<Received>>>,
-    script: Script,
-    refusals: Arc<Mutex<Vec<String>>>,
-}
-
-impl PushService {
-    async fn start(receiver: Receiver, vapid_key: Vec<u8>, subject: &'static str) -> PushService {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let origin = format!("http://{}", listener.local_addr().expect("addr"));
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let script: Script = Arc::new(Mutex::new(VecDeque::new()));
-        let refusals = Arc::new(Mutex::new(Vec::new()));
-        let receiver = Arc::new(receiver);
-        let (r, s, f, o) = (
-            received.clone(),
-            script.clone(),
-            refusals.clone(),
-            origin.clone(),
-        );
-        let app = axum::Router::new().route(
-            "/push/{id}",
-            axum::routing::post(
-                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-                    let (r, s, f, o, receiver, key) = (
-                        r.clone(),
-                        s.clone(),
-                        f.clone(),
-                        o.clone(),
-                        receiver.clone(),
-                        vapid_key.clone(),
-                    );
-                    async move {
-                        let header = |n: &str| {
-                            headers
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_owned)
-                        };
-                        let check = || -> Result<Vec<u8>, String> {
-                            let auth = header("authorization").ok_or("no Authorization")?;
-                            let (k, claims) =
-                                tern_webpush::verify_vapid(&auth).map_err(|e| e.to_string())?;
-                            let now = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .expect("clock")
-                                .as_secs();
-                            if k != key {
-                                return Err("another VAPID key".into());
-                            }
-                            if claims.aud != o {
-                                return Err(format!("aud {} is not {o}", claims.aud));
-                            }
-                            if claims.exp <= now || claims.exp > now + 86_400 {
-                                return Err("exp".into());
-                            }
-                            if claims.sub.as_deref() != Some(subject) {
-                                return Err("sub".into());
-                            }
-                            if header("content-encoding").as_deref() != Some("aes128gcm") {
-                                return Err("Content-Encoding".into());
-                            }
-                            receiver.decrypt(&body).map_err(|e| e.to_string())
-                        };
-                        let plaintext = match check() {
-                            Ok(p) => p,
-                            Err(e) => {
-                                f.lock().expect("lock").push(e);
-                                return (
-                                    axum::http::StatusCode::UNAUTHORIZED,
-                                    axum::http::HeaderMap::new(),
-                                );
-                            }
-                        };
-                        r.lock().expect("lock").push(Received {
-                            at: Instant::now(),
-                            plaintext,
-                            urgency: header("urgency"),
-                            topic: header("topic"),
-                            ttl: header("ttl"),
-                        });
-                        let (status, retry) =
-                            s.lock().expect("lock").pop_front().unwrap_or((201, None));
-                        let mut h = axum::http::HeaderMap::new();
-                        if let Some(secs) = retry {
-                            h.insert("retry-after", secs.to_string().parse().expect("header"));
-                        }
-                        (axum::http::StatusCode::from_u16(status).expect("status"), h)
-                    }
-                },
-            ),
-        );
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        PushService {
-            origin,
-            received,
-            script,
-            refusals,
-        }
-    }
-
-    fn script(&self, answers: &[(u16, Option<u64>)]) {
-        self.script
-            .lock()
-            .expect("lock")
-            .extend(answers.iter().copied());
-    }
-
-    fn take(&self) -> Vec<Received> {
-        std::mem::take(&mut *self.received.lock().expect("lock"))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_are_signed_encrypted_and_retried_as_the_policy_says() {
     let receiver = Receiver::generate();
     let (p256dh, auth) = (receiver.p256dh(), receiver.auth().to_vec());
     let vapid = Arc::new(tern_webpush::Vapid::generate());
-    let service = PushService::start(receiver, vapid.public_key(), "mailto:ops@example.org").await;
+    let service = PushService::start(vapid.public_key(), "mailto:ops@example.org").await;
+    service.subscribe_with("abc", receiver);
     let config = tern_server::config::PushConfig {
         subject: "mailto:ops@example.org".into(),
         allow_insecure_loopback: true,
@@ -389,7 +257,11 @@ async fn pushes_are_signed_encrypted_and_retried_as_the_policy_says() {
     service.script(&[(503, None), (502, None), (500, None)]);
     assert!(matches!(
         sender.send(&subscription, &wake).await,
-        Outcome::Failed { attempts: 3, .. }
+        Outcome::Failed {
+            attempts: 3,
+            permanent: false,
+            ..
+        }
     ));
     assert_eq!(service.take().len(), 3);
 
@@ -401,7 +273,11 @@ async fn pushes_are_signed_encrypted_and_retried_as_the_policy_says() {
     service.script(&[(400, None)]);
     assert!(matches!(
         sender.send(&subscription, &wake).await,
-        Outcome::Failed { attempts: 1, .. }
+        Outcome::Failed {
+            attempts: 1,
+            permanent: true,
+            ..
+        }
     ));
     assert_eq!(service.take().len(), 3);
     assert!(
@@ -415,7 +291,8 @@ async fn pushes_never_reach_this_machine_or_a_private_network_unless_allowed() {
     let receiver = Receiver::generate();
     let (p256dh, auth) = (receiver.p256dh(), receiver.auth().to_vec());
     let vapid = Arc::new(tern_webpush::Vapid::generate());
-    let service = PushService::start(receiver, vapid.public_key(), "mailto:ops@example.org").await;
+    let service = PushService::start(vapid.public_key(), "mailto:ops@example.org").await;
+    service.subscribe_with("abc", receiver);
     let config = tern_server::config::PushConfig {
         max_attempts: 2,
         retry_base_ms: 10,
@@ -456,4 +333,247 @@ async fn pushes_never_reach_this_machine_or_a_private_network_unless_allowed() {
         "nothing reached the local service"
     );
     assert!(service.refusals.lock().expect("lock").is_empty());
+}
+
+// --- when the server pushes ---
+
+use common::push::{SUBJECT, pushing, vapid_key};
+use tern_proto::frames::*;
+
+async fn sent(raw: &mut Raw, rid: u64) -> u64 {
+    match raw.answer(rid, &mut Vec::new()).await {
+        server_frame::Kind::Sent(s) => s.seq,
+        other => panic!("expected Sent, got {other:?}"),
+    }
+}
+
+/// Sends `n` messages to `to`'s device, one after the other.
+async fn burst(raw: &mut Raw, to: u64, device: u64, prefix: &str, n: usize) {
+    for i in 0..n {
+        let body = format!("secret body {prefix}{i}");
+        let rid = raw
+            .send_text_msg(to, &format!("{prefix}{i}"), body.as_bytes(), &[device])
+            .await;
+        sent(raw, rid).await;
+    }
+}
+
+/// Acknowledges everything up to the newest of `events`.
+async fn ack_all(raw: &mut Raw, events: &[Event]) {
+    let up_to = events.iter().map(|e| e.mailbox_seq).max().expect("events");
+    let rid = raw.request(client_frame::Kind::Ack(Ack { up_to })).await;
+    assert!(matches!(
+        raw.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Done(_)
+    ));
+}
+
+/// Reads `n` events.
+async fn events(raw: &mut Raw, n: usize) -> Vec<Event> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        if let Some(server_frame::Kind::Event(e)) = raw.recv().await.kind {
+            got.push(e);
+        }
+    }
+    got
+}
+
+/// Closes the socket and waits until the server has let the device go.
+async fn leave(srv: &TestServer, mut raw: Raw, user: u64, device: u64) {
+    let _ = raw.ws.close(None).await;
+    for _ in 0..500 {
+        if srv.state.hub.connected(&[(user, device)]).await == [false] {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server still holds device {device}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_is_woken_once_per_burst_and_never_while_connected() {
+    let srv = TestServer::start_with(pushing).await;
+    let http = srv.http();
+    let service = PushService::start(vapid_key(&http).await, SUBJECT).await;
+    let (alice, alice_device, alice_token) = http.account("alice").await;
+    let (bob, bob_device, bob_token) = http.account("bob").await;
+    let (s, _) = http
+        .put_json(
+            &format!("/v1/devices/{bob_device}/push"),
+            service.subscribe("bob"),
+            Some(&bob_token),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (mut a, _, _) = Raw::connect(srv.addr, &alice_token).await;
+
+    // Bob is connected nowhere: the burst wakes him once. Later messages, while that push is
+    // unanswered, wake him no more, however long past the window.
+    burst(&mut a, bob, bob_device, "m", 5).await;
+    assert_eq!(service.wait_for("bob", 1, WAIT).await, 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    burst(&mut a, bob, bob_device, "n", 2).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let got = service.take();
+    assert_eq!(
+        got.len(),
+        1,
+        "one push for everything bob has not collected"
+    );
+    let push = &got[0];
+    assert_eq!(push.urgency.as_deref(), Some("high"));
+    assert_eq!(push.topic.as_deref(), Some("messages"));
+    assert_eq!(push.ttl.as_deref(), Some("86400"));
+    // What the push says: a count and a random id, nothing of who, where or what.
+    let said: serde_json::Value = serde_json::from_slice(&push.plaintext).expect("JSON");
+    let fields: Vec<&str> = said
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(fields, ["id", "n"], "{said}");
+    assert!((1..=5).contains(&said["n"].as_u64().expect("n")), "{said}");
+    assert_eq!(said["id"].as_str().map(str::len), Some(16));
+    let text = String::from_utf8_lossy(&push.plaintext);
+    // (The fields above are all there is: no user or device id either.)
+    for secret in ["secret", "alice", "bob", "m0"] {
+        assert!(!text.contains(secret), "the push names {secret}: {text}");
+    }
+    assert!(
+        !push
+            .body
+            .windows(push.plaintext.len())
+            .any(|w| w == push.plaintext),
+        "the push service sees only ciphertext"
+    );
+
+    // Bob connects and collects everything: the push is answered. While he is connected,
+    // nothing is pushed.
+    let (mut b, _, pending) = Raw::connect(srv.addr, &bob_token).await;
+    assert_eq!(pending.len(), 7);
+    ack_all(&mut b, &pending).await;
+    burst(&mut a, bob, bob_device, "o", 3).await;
+    let live = events(&mut b, 3).await;
+    ack_all(&mut b, &live).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(service.count("bob"), 0, "bob is connected");
+
+    // Bob leaves: the next message wakes him again.
+    leave(&srv, b, bob, bob_device).await;
+    burst(&mut a, bob, bob_device, "p", 1).await;
+    assert_eq!(service.wait_for("bob", 1, WAIT).await, 1);
+    service.take();
+
+    // Receipts alone wake nobody: alice subscribes and leaves; bob collects (delivered
+    // receipts for alice) and reads (a read receipt).
+    let (s, _) = http
+        .put_json(
+            &format!("/v1/devices/{alice_device}/push"),
+            service.subscribe("alice"),
+            Some(&alice_token),
+        )
+        .await;
+    assert_eq!(s, 200);
+    leave(&srv, a, alice, alice_device).await;
+    let (mut b, _, pending) = Raw::connect(srv.addr, &bob_token).await;
+    ack_all(&mut b, &pending).await;
+    let last_seq = pending
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(event::Kind::Message(m)) => Some(m.seq),
+            _ => None,
+        })
+        .max()
+        .expect("a message");
+    let rid = b
+        .request(client_frame::Kind::Read(Read {
+            conversation: Some(Peer::user(alice)),
+            up_to_seq: last_seq,
+        }))
+        .await;
+    assert!(matches!(
+        b.answer(rid, &mut Vec::new()).await,
+        server_frame::Kind::Done(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(service.count("alice"), 0, "receipts do not push");
+    assert!(
+        !srv.state
+            .store
+            .mailbox_after(alice_device, 0, 10)
+            .await
+            .expect("mailbox")
+            .is_empty(),
+        "alice's receipts wait in her mailbox"
+    );
+
+    // The push service says bob's subscription is gone: it is removed, and nothing is sent
+    // to it again.
+    let (mut a, _, _) = Raw::connect(srv.addr, &alice_token).await;
+    leave(&srv, b, bob, bob_device).await;
+    service.script(&[(410, None)]);
+    burst(&mut a, bob, bob_device, "q", 1).await;
+    assert_eq!(service.wait_for("bob", 1, WAIT).await, 1);
+    let store = &srv.state.store;
+    for _ in 0..500 {
+        if store
+            .push_subscription(bob_device)
+            .await
+            .expect("read")
+            .is_none()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        store.push_subscription(bob_device).await.expect("read"),
+        None
+    );
+    assert!(service.refusals.lock().expect("lock").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_still_owed_at_a_restart_is_sent_after_it() {
+    // The first run's push service fails; its only look in the store comes after the test.
+    let srv = TestServer::start_with(|c| {
+        pushing(c);
+        c.push.max_attempts = 1;
+        c.push.coalesce_ms = 60_000;
+    })
+    .await;
+    let http = srv.http();
+    let service = PushService::start(vapid_key(&http).await, SUBJECT).await;
+    let (_, _, alice_token) = http.account("alice").await;
+    let (bob, bob_device, bob_token) = http.account("bob").await;
+    let (s, _) = http
+        .put_json(
+            &format!("/v1/devices/{bob_device}/push"),
+            service.subscribe("bob"),
+            Some(&bob_token),
+        )
+        .await;
+    assert_eq!(s, 200);
+    service.script(&[(503, None)]);
+    let (mut a, _, _) = Raw::connect(srv.addr, &alice_token).await;
+    burst(&mut a, bob, bob_device, "m", 1).await;
+    assert_eq!(
+        service.wait_for("bob", 1, WAIT).await,
+        1,
+        "tried, and failed"
+    );
+    service.take();
+    drop(a);
+    // Let the failure be settled before the stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = srv.stop().await;
+
+    // The next run finds bob still owed a push, one window after it starts.
+    let srv = TestServer::start_in(dir, pushing).await;
+    assert_eq!(service.wait_for("bob", 1, WAIT).await, 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(service.take().len(), 1, "once");
+    drop(srv);
 }

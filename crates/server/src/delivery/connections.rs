@@ -119,6 +119,14 @@ impl Connections {
         }
     }
 
+    /// Whether the device is connected here.
+    pub fn holds(&self, device: DeviceId) -> bool {
+        self.inner
+            .lock()
+            .map(|i| i.devices.contains_key(&device))
+            .unwrap_or(false)
+    }
+
     /// Whether any device of the user is connected here.
     pub fn is_online(&self, user: UserId) -> bool {
         self.inner

@@ -26,10 +26,10 @@ pub mod directory;
 pub mod outbox;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tern_store::{Delivery, DeviceId, UserId};
+use tern_store::{Delivery, DeviceId, MailboxItem, UserId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -56,13 +56,22 @@ pub struct ClusterTimings {
 struct Cluster {
     node: Arc<str>,
     bus: Arc<dyn Bus>,
-    forward: mpsc::Sender<(UserId, DeviceId, u64)>,
+    /// `(user, device, mseq, whether the entry may wake the device)`.
+    forward: mpsc::Sender<(UserId, DeviceId, u64, bool)>,
 }
 
 pub struct Hub {
     connections: Connections,
     directory: Arc<dyn Directory>,
     cluster: Option<Cluster>,
+    /// Where message entries for devices connected nowhere are reported (the pusher).
+    offline: OnceLock<mpsc::Sender<(UserId, DeviceId)>>,
+}
+
+/// Whether a mailbox entry may wake its device: messages do, receipts alone do not (PROTOCOL.md
+/// §10).
+fn wakes(d: &Delivery) -> bool {
+    matches!(d.entry.item, MailboxItem::Message(_))
 }
 
 impl Hub {
@@ -72,6 +81,7 @@ impl Hub {
             connections: Connections::default(),
             directory: Arc::new(directory::SingleNode),
             cluster: None,
+            offline: OnceLock::new(),
         }
     }
 
@@ -91,6 +101,7 @@ impl Hub {
             connections: Connections::default(),
             directory,
             cluster: Some(Cluster { node, bus, forward }),
+            offline: OnceLock::new(),
         });
         let tasks = [
             tokio::spawn(hub.clone().forwarder(queue)),
@@ -139,11 +150,35 @@ impl Hub {
         }
     }
 
+    /// Has message entries for devices connected nowhere reported to `sink` (once; later
+    /// calls change nothing). Reports are dropped, and counted, when it is full.
+    pub fn report_offline(&self, sink: mpsc::Sender<(UserId, DeviceId)>) {
+        let _ = self.offline.set(sink);
+    }
+
+    fn offline(&self, user: UserId, device: DeviceId) {
+        if let Some(sink) = self.offline.get()
+            && sink.try_send((user, device)).is_err()
+        {
+            metrics::counter!("tern_push_reports_dropped_total").increment(1);
+        }
+    }
+
     /// Hands new mailbox entries to the connections holding their devices (in a cluster, to
-    /// the forwarder for devices connected elsewhere). Never waits.
+    /// the forwarder for devices connected elsewhere); messages for devices connected
+    /// nowhere are reported offline. Never waits.
     pub fn deliver(&self, deliveries: &[Delivery]) {
+        let report = self.offline.get().is_some();
         let Some(cluster) = &self.cluster else {
-            self.connections.push(deliveries, None);
+            if !report {
+                self.connections.push(deliveries, None);
+                return;
+            }
+            let mut elsewhere = Vec::new();
+            self.connections.push(deliveries, Some(&mut elsewhere));
+            for d in elsewhere.into_iter().filter(|d| wakes(d)) {
+                self.offline(d.user, d.device);
+            }
             return;
         };
         let mut elsewhere = Vec::new();
@@ -151,7 +186,7 @@ impl Hub {
         for d in elsewhere {
             if cluster
                 .forward
-                .try_send((d.user, d.device, d.entry.mseq))
+                .try_send((d.user, d.device, d.entry.mseq, wakes(d)))
                 .is_err()
             {
                 metrics::counter!("tern_bus_wakeups_dropped_total").increment(1);
@@ -205,6 +240,28 @@ impl Hub {
         }
     }
 
+    /// Which of `devices` are connected, here or (in a cluster) on another node. When the
+    /// directory does not answer, only this node's are: a device woken needlessly costs less
+    /// than one not woken.
+    pub async fn connected(&self, devices: &[(UserId, DeviceId)]) -> Vec<bool> {
+        let mut here: Vec<bool> = devices
+            .iter()
+            .map(|&(_, d)| self.connections.holds(d))
+            .collect();
+        if self.cluster.is_none() || here.iter().all(|&h| h) {
+            return here;
+        }
+        match self.directory.locate(devices).await {
+            Ok(found) => {
+                for (h, holder) in here.iter_mut().zip(found) {
+                    *h |= holder.is_some();
+                }
+            }
+            Err(e) => directory_failed("locate", &e),
+        }
+        here
+    }
+
     /// Whether any device of the user is connected (to any node).
     pub async fn is_online(&self, user: UserId) -> bool {
         self.presence(user).await.online
@@ -241,19 +298,21 @@ impl Hub {
         }
     }
 
-    /// Looks up the nodes of queued wake-ups, a batch at a time, and signals them.
-    async fn forwarder(self: Arc<Self>, mut queue: mpsc::Receiver<(UserId, DeviceId, u64)>) {
+    /// Looks up the nodes of queued wake-ups, a batch at a time, and signals them; reports
+    /// the devices connected nowhere.
+    async fn forwarder(self: Arc<Self>, mut queue: mpsc::Receiver<(UserId, DeviceId, u64, bool)>) {
         let Some(cluster) = &self.cluster else { return };
         let mut batch = Vec::with_capacity(FORWARD_BATCH);
         while queue.recv_many(&mut batch, FORWARD_BATCH).await > 0 {
             // The highest mseq per device is the only one that matters.
-            let mut highest: HashMap<DeviceId, (UserId, u64)> = HashMap::new();
-            for (user, device, mseq) in batch.drain(..) {
-                let e = highest.entry(device).or_insert((user, mseq));
+            let mut highest: HashMap<DeviceId, (UserId, u64, bool)> = HashMap::new();
+            for (user, device, mseq, wakes) in batch.drain(..) {
+                let e = highest.entry(device).or_insert((user, mseq, wakes));
                 e.1 = e.1.max(mseq);
+                e.2 |= wakes;
             }
             let devices: Vec<(UserId, DeviceId)> =
-                highest.iter().map(|(&d, &(u, _))| (u, d)).collect();
+                highest.iter().map(|(&d, &(u, _, _))| (u, d)).collect();
             let wake = |device: DeviceId| Signal::Wake {
                 device,
                 mseq: highest[&device].1,
@@ -261,10 +320,13 @@ impl Hub {
             match self.directory.locate(&devices).await {
                 Ok(holders) => {
                     let mut by_node: HashMap<Arc<str>, Vec<Signal>> = HashMap::new();
-                    for ((_, device), holder) in devices.iter().zip(holders) {
-                        // Connected here since: its drain reads the entry.
-                        if let Some(h) = holder.filter(|h| h.node != cluster.node) {
-                            by_node.entry(h.node).or_default().push(wake(*device));
+                    for (&(user, device), holder) in devices.iter().zip(holders) {
+                        match holder {
+                            // Connected here since: its drain reads the entry.
+                            Some(h) if h.node == cluster.node => {}
+                            Some(h) => by_node.entry(h.node).or_default().push(wake(device)),
+                            None if highest[&device].2 => self.offline(user, device),
+                            None => {}
                         }
                     }
                     for (node, signals) in by_node {

@@ -7,6 +7,7 @@ pub mod keys;
 pub mod messaging;
 pub mod presence;
 pub mod push;
+pub mod pusher;
 
 /// Milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {

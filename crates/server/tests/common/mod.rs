@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod media;
+pub mod push;
 pub mod sdk;
 
 use std::collections::HashMap;
