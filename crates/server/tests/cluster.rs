@@ -565,3 +565,67 @@ async fn push_keys_and_subscriptions_are_cluster_wide() {
         (200, Some("https://push.example"))
     );
 }
+
+#[tokio::test]
+async fn a_device_connected_nowhere_is_woken_once_by_the_cluster() {
+    use common::push::{PushService, SUBJECT, pushing, vapid_key};
+    // Both nodes look in the store every second besides: still one push.
+    let Some(cluster) = TestCluster::start("cluster", 2, |c| {
+        quiet_recheck(c);
+        pushing(c);
+        c.push.scan_secs = 1;
+    })
+    .await
+    else {
+        return;
+    };
+    let (a, b) = (cluster.nodes[0].http(), cluster.nodes[1].http());
+    let service = PushService::start(vapid_key(&a).await, SUBJECT).await;
+    let (_, _, alice_token) = a.account("alice").await;
+    let (bob, b1, bob_token) = b.account("bob").await;
+    let (s, _) = b
+        .put_json(
+            &format!("/v1/devices/{b1}/push"),
+            service.subscribe("bob"),
+            Some(&bob_token),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (mut alice_ws, _, _) = Raw::connect(cluster.nodes[0].addr, &alice_token).await;
+    let (mut bob_ws, _, _) = Raw::connect(cluster.nodes[1].addr, &bob_token).await;
+
+    // Bob is connected to the other node: no push, whichever node looks.
+    let mut last = 0;
+    for i in 0..3 {
+        let rid = alice_ws
+            .send_text_msg(bob, &format!("m{i}"), b"hello", &[b1])
+            .await;
+        sent(&mut alice_ws, rid).await;
+        last = event(&mut bob_ws).await.mailbox_seq;
+    }
+    let rid = bob_ws
+        .request(client_frame::Kind::Ack(Ack { up_to: last }))
+        .await;
+    bob_ws.answer(rid, &mut Vec::new()).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(service.count("bob"), 0, "bob is connected to node b");
+
+    // Bob leaves: a burst from node a wakes him once, though both nodes scan.
+    let _ = bob_ws.ws.close(None).await;
+    for _ in 0..500 {
+        if cluster.nodes[0].state.hub.connected(&[(bob, b1)]).await == [false] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..5 {
+        let rid = alice_ws
+            .send_text_msg(bob, &format!("n{i}"), b"hello", &[b1])
+            .await;
+        sent(&mut alice_ws, rid).await;
+    }
+    assert_eq!(service.wait_for("bob", 1, WAIT).await, 1);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(service.count("bob"), 1, "one push, from one node");
+    assert!(service.refusals.lock().expect("lock").is_empty());
+}
