@@ -533,6 +533,17 @@ async fn an_offline_device_is_woken_once_per_burst_and_never_while_connected() {
         None
     );
     assert!(service.refusals.lock().expect("lock").is_empty());
+
+    // What an operator watches.
+    let (_, metrics) = http.get_text("/metrics").await;
+    for name in [
+        "tern_push_sent_total",
+        "tern_push_gone_total",
+        "tern_push_delay_seconds",
+        "tern_push_claims_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -435,10 +435,13 @@ pub enum PushClaim {
     /// Too soon after the last push: ask again at `at_ms`.
     NotBefore { at_ms: i64 },
     /// Claimed: wake `subscription` (announcing `waiting` messages), then settle `mseq`.
+    /// `since_ms`: when the oldest message no earlier push announced arrived (for the
+    /// message-to-push delay; `None` when this push repeats one counted as lost).
     Send {
         subscription: PushSubscription,
         mseq: u64,
         waiting: u32,
+        since_ms: Option<i64>,
     },
 }
 

@@ -184,15 +184,31 @@ impl Pusher {
                     subscription,
                     mseq,
                     waiting,
+                    since_ms,
                 } => {
                     metrics::counter!("tern_push_claims_total", "outcome" => "send").increment(1);
                     // Waits while `concurrency` pushes are in flight: reports queue meanwhile.
                     let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
                         return;
                     };
-                    let (store, provider) = (self.store.clone(), self.provider.clone());
+                    let (store, provider, clock) = (
+                        self.store.clone(),
+                        self.provider.clone(),
+                        self.clock.clone(),
+                    );
                     tokio::spawn(async move {
-                        send(&*store, &*provider, device, subscription, mseq, waiting).await;
+                        let claim = Claim {
+                            device,
+                            subscription,
+                            mseq,
+                            waiting,
+                        };
+                        if send(&*store, &*provider, claim).await
+                            && let Some(since) = since_ms
+                        {
+                            let delay = (clock.now_ms() - since).max(0) as f64 / 1000.0;
+                            metrics::histogram!("tern_push_delay_seconds").record(delay);
+                        }
                         drop(permit);
                     });
                 }
@@ -252,16 +268,26 @@ fn wake(waiting: u32) -> Wake {
     }
 }
 
-/// Sends one claimed push and settles the claim by what became of it.
-async fn send(
-    store: &dyn Store,
-    provider: &dyn Provider,
+/// A push claimed in the store.
+struct Claim {
     device: DeviceId,
     subscription: PushSubscription,
     mseq: u64,
     waiting: u32,
-) {
-    let settled = match provider.send(&subscription, &wake(waiting)).await {
+}
+
+/// Sends one claimed push and settles the claim by what became of it; whether the push
+/// service took it.
+async fn send(store: &dyn Store, provider: &dyn Provider, claim: Claim) -> bool {
+    let Claim {
+        device,
+        subscription,
+        mseq,
+        waiting,
+    } = claim;
+    let outcome = provider.send(&subscription, &wake(waiting)).await;
+    let delivered = matches!(outcome, Outcome::Delivered { .. });
+    let settled = match outcome {
         Outcome::Delivered { .. } => store.settle_push(device, mseq, true).await,
         Outcome::Gone => {
             tracing::info!(device, "push subscription gone; removed");
@@ -282,4 +308,5 @@ async fn send(
     if let Err(e) = settled {
         tracing::warn!(device, error = %e, "cannot settle a push");
     }
+    delivered
 }

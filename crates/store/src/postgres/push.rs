@@ -138,11 +138,13 @@ async fn claim_push<C: GenericClient>(
     };
     let m = query_one(
         c,
-        "SELECT count(*) FILTER (WHERE kind = 1), max(mseq) FILTER (WHERE kind = 1), min(mseq)
+        "SELECT count(*) FILTER (WHERE kind = 1), max(mseq) FILTER (WHERE kind = 1), min(mseq),
+             min(ts) FILTER (WHERE kind = 1 AND mseq > $2)
          FROM mailbox WHERE device_id = $1",
-        &[&id(device)],
+        &[&id(device), &id(last.pushed_mseq.unwrap_or(0))],
     )
     .await?;
+    let since_ms: Option<i64> = m.col(3)?;
     let waiting: i64 = m.col(0)?;
     let newest: Option<i64> = m.col(1)?;
     let oldest: Option<i64> = m.col(2)?;
@@ -169,6 +171,7 @@ async fn claim_push<C: GenericClient>(
                 subscription,
                 mseq,
                 waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+                since_ms,
             }
         }
     })

@@ -128,6 +128,14 @@ pub fn claim_push(
         PushDecision::Nothing => PushClaim::Nothing,
         PushDecision::NotBefore(at_ms) => PushClaim::NotBefore { at_ms },
         PushDecision::Send(mseq) => {
+            let since_ms: Option<i64> = c
+                .prepare_cached(
+                    "SELECT min(ts) FROM mailbox WHERE device_id = ?1 AND kind = 1 AND mseq > ?2",
+                )?
+                .query_row(
+                    params![device as i64, last.pushed_mseq.unwrap_or(0) as i64],
+                    |r| r.get(0),
+                )?;
             c.prepare_cached(
                 "UPDATE push_subscriptions SET pushed_mseq = ?2, pushed_ms = ?3, push_confirmed = 0
                  WHERE device_id = ?1",
@@ -137,6 +145,7 @@ pub fn claim_push(
                 subscription,
                 mseq,
                 waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+                since_ms,
             }
         }
     })
