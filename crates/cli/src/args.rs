@@ -167,6 +167,12 @@ stripped) in the current directory. An interrupted download resumes when run aga
         #[command(subcommand)]
         setting: Option<PrivacySetting>,
     },
+    /// Be woken by a push (Web Push, UnifiedPush) when messages arrive while this device is
+    /// offline.
+    Push {
+        #[command(subcommand)]
+        action: PushAction,
+    },
     /// Create and manage groups. GROUP is a group id, or a group's exact name.
     Group {
         #[command(subcommand)]
@@ -237,6 +243,31 @@ pub struct Credentials {
 pub enum DevicesAction {
     /// Remove one of my devices (it is logged out at once).
     Remove { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PushAction {
+    /// Register ENDPOINT (a push service's or UnifiedPush distributor's URL for this device)
+    /// as where the server sends wake-ups; replaces an earlier one. Without --p256dh and
+    /// --auth, tern makes the keys and keeps them (`tern push decrypt` reads the pushes).
+    Register {
+        endpoint: String,
+        /// The subscription's P-256 public key, unpadded base64url (keys made elsewhere).
+        #[arg(long, requires = "auth")]
+        p256dh: Option<String>,
+        /// The subscription's auth secret, unpadded base64url.
+        #[arg(long, requires = "p256dh")]
+        auth: Option<String>,
+    },
+    /// Show this device's push subscription.
+    Status,
+    /// Stop pushes to this device.
+    Remove,
+    /// Decrypt a push body this device received (a file, or standard input) and say what it
+    /// announces.
+    Decrypt { file: Option<std::path::PathBuf> },
+    /// Print the server's VAPID public key (a browser's applicationServerKey).
+    Vapid,
 }
 
 #[derive(Debug, Subcommand)]

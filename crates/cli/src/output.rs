@@ -14,8 +14,8 @@ use std::io::Write;
 
 use serde_json::{Value, json};
 use tern_client::{
-    ConnectionState, DeviceInfo, Event, KeysChanged, LastSeenResponse, ReceiptEvent, SafetyNumber,
-    SentMessage, Session, StoredMessage, Tick,
+    ConnectionState, DeviceInfo, Event, KeysChanged, LastSeenResponse, PushRegistration, PushWake,
+    ReceiptEvent, SafetyNumber, SentMessage, Session, StoredMessage, Tick,
 };
 
 /// An error with a fixed code for scripts, raised by the CLI itself (not the SDK).
@@ -349,6 +349,47 @@ impl Printer {
                 .last_seen_ms
                 .map_or_else(|| "never".to_owned(), format_time);
             self.text(&format!("{}: last seen {when}", l.username));
+        }
+    }
+
+    /// A push subscription (`None`: none, or just removed).
+    pub fn push_registration(&self, r: Option<&PushRegistration>) {
+        match (self.json, r) {
+            (true, Some(r)) => self.line(&json!({
+                "type": "push", "origin": r.origin, "updated_at": r.updated_at_ms,
+                "decrypts_here": r.decrypts_here,
+            })),
+            (true, None) => self.line(&json!({"type": "push", "origin": null})),
+            (false, Some(r)) => {
+                let keys = if r.decrypts_here {
+                    "keys kept here"
+                } else {
+                    "keys held by the subscriber"
+                };
+                self.text(&format!(
+                    "pushes go to {} (registered {}; {keys})",
+                    r.origin,
+                    format_time(r.updated_at_ms)
+                ));
+            }
+            (false, None) => self.text("no push subscription"),
+        }
+    }
+
+    pub fn push_wake(&self, w: &PushWake) {
+        if self.json {
+            self.line(&json!({"type": "push_wake", "waiting": w.waiting, "id": w.id}));
+        } else {
+            let s = if w.waiting == 1 { "" } else { "s" };
+            self.text(&format!("{} new message{s} waiting", w.waiting));
+        }
+    }
+
+    pub fn vapid(&self, key: &str) {
+        if self.json {
+            self.line(&json!({"type": "vapid", "public_key": key}));
+        } else {
+            self.text(key);
         }
     }
 

@@ -13,7 +13,8 @@ use tern_proto::http::{
     AddMembersRequest, ClaimRequest, ClaimResponse, CreateGroupRequest, DeviceInfo,
     DevicesResponse, ErrorBody, GroupInfo, GroupKeys, GroupSummary, GroupsResponse, KeyCounts,
     KeysUpload, LastSeenResponse, LoginRequest, LoginResponse, MessageInfo, PrivacySettings,
-    RegisterRequest, RegisterResponse, UpdateGroupRequest, UserKeys,
+    PushSubscriptionRequest, PushSubscriptionResponse, RegisterRequest, RegisterResponse,
+    UpdateGroupRequest, UserKeys, VapidResponse,
 };
 
 use crate::error::Error;
@@ -90,6 +91,48 @@ impl Http {
     pub async fn remove_device(&self, token: &str, device_id: u64) -> Result<(), Error> {
         let path = format!("/v1/devices/{device_id}");
         empty(self.request(Method::DELETE, &path, Some(token))).await
+    }
+
+    pub async fn set_push(
+        &self,
+        token: &str,
+        device_id: u64,
+        req: &PushSubscriptionRequest,
+    ) -> Result<PushSubscriptionResponse, Error> {
+        let path = format!("/v1/devices/{device_id}/push");
+        json(send_json(
+            self.request(Method::PUT, &path, Some(token)),
+            req,
+        ))
+        .await
+    }
+
+    /// The device's subscription as the server keeps it; `None` if it has none.
+    pub async fn push(
+        &self,
+        token: &str,
+        device_id: u64,
+    ) -> Result<Option<PushSubscriptionResponse>, Error> {
+        let path = format!("/v1/devices/{device_id}/push");
+        match json(self.request(Method::GET, &path, Some(token))).await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the device's subscription; whether there was one.
+    pub async fn remove_push(&self, token: &str, device_id: u64) -> Result<bool, Error> {
+        let path = format!("/v1/devices/{device_id}/push");
+        match empty(self.request(Method::DELETE, &path, Some(token))).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn vapid(&self) -> Result<VapidResponse, Error> {
+        json(self.request(Method::GET, "/v1/push/vapid", None)).await
     }
 
     /// `username` must already be validated (it goes into the path).

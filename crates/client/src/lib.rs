@@ -119,6 +119,7 @@ mod groups;
 mod http;
 mod media;
 mod outbox;
+mod push;
 mod store;
 mod types;
 
@@ -130,11 +131,12 @@ pub use error::Error;
 pub use events::{EVENT_CAPACITY, EventStream};
 pub use group_event::{GroupAction, GroupChange, GroupUser};
 pub use media::{DownloadedFile, MediaError, Phase, Progress, Recipient, THUMBNAIL_SIDE};
+pub use push::{PushRegistration, PushWake};
 pub use tern_proto::ErrorCode;
 pub use tern_proto::content::MediaRef;
 pub use tern_proto::http::{
     DeviceInfo, GroupInfo, GroupMember, GroupSummary, LastSeenResponse, MemberReceipt, MessageInfo,
-    PrivacySettings, Role, Visibility,
+    PrivacySettings, PushKeys, Role, Visibility,
 };
 pub use types::{
     CloseReason, ConnectionState, DecryptionFailed, Event, KeysChanged, ReceiptEvent, ReceiptKind,

@@ -58,9 +58,91 @@ impl PickleKey {
     }
 }
 
+/// Nonce and tag around a sealed secret.
+const SEAL_NONCE: usize = 24;
+const SEAL_TAG: usize = 16;
+
+impl PickleKey {
+    /// The key for secrets sealed under `label`: SHA-256 over a domain tag, the label and the
+    /// key, so that sealed secrets and pickles never share a key.
+    fn seal_key(&self, label: &str) -> chacha20poly1305::Key {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"tern seal v1\0");
+        h.update(label.as_bytes());
+        h.update([0]);
+        h.update(self.0);
+        chacha20poly1305::aead::array::Array(h.finalize().into())
+    }
+
+    /// Encrypts a small secret to keep at rest beside the pickles (XChaCha20-Poly1305 under a
+    /// key derived for `label`, a random nonce; `label` is also the associated data, so a
+    /// secret cannot be passed off as another).
+    pub fn seal(&self, label: &str, secret: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new(&self.seal_key(label));
+        let mut nonce = [0u8; SEAL_NONCE];
+        rand::rng().fill_bytes(&mut nonce);
+        let sealed = cipher
+            .encrypt(
+                &chacha20poly1305::aead::array::Array(nonce),
+                Payload {
+                    msg: secret,
+                    aad: label.as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::Encrypt("sealing a secret".into()))?;
+        Ok([&nonce[..], &sealed].concat())
+    }
+
+    /// Decrypts what [`PickleKey::seal`] sealed under `label`.
+    pub fn open(&self, label: &str, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        if sealed.len() < SEAL_NONCE + SEAL_TAG {
+            return Err(CryptoError::Malformed("sealed secret"));
+        }
+        let (nonce, body) = sealed.split_at(SEAL_NONCE);
+        let nonce: [u8; SEAL_NONCE] = nonce
+            .try_into()
+            .map_err(|_| CryptoError::Malformed("sealed secret"))?;
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new(&self.seal_key(label));
+        cipher
+            .decrypt(
+                &chacha20poly1305::aead::array::Array(nonce),
+                Payload {
+                    msg: body,
+                    aad: label.as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::Unpickle("a sealed secret"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealed_secrets_open_only_with_their_key_and_label() {
+        let key = PickleKey::generate();
+        let sealed = key.seal("push", b"secret bytes").expect("seal");
+        assert!(!sealed.windows(6).any(|w| w == b"secret"));
+        assert_eq!(key.open("push", &sealed).expect("open"), b"secret bytes");
+        assert!(key.open("other", &sealed).is_err(), "another label");
+        assert!(
+            PickleKey::generate().open("push", &sealed).is_err(),
+            "another key"
+        );
+        let mut tampered = sealed.clone();
+        tampered[30] ^= 1;
+        assert!(key.open("push", &tampered).is_err());
+        assert!(key.open("push", &sealed[..20]).is_err());
+        assert_ne!(
+            key.seal("push", b"secret bytes").expect("seal"),
+            sealed,
+            "fresh nonce"
+        );
+    }
 
     #[test]
     fn passphrase_keys_depend_on_passphrase_and_salt() {

@@ -588,3 +588,89 @@ async fn a_push_still_owed_at_a_restart_is_sent_after_it() {
     assert_eq!(service.take().len(), 1, "once");
     drop(srv);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_registers_its_endpoint_and_decrypts_its_pushes() {
+    use common::sdk;
+    let srv = TestServer::start_with(pushing).await;
+    let service = PushService::start(vapid_key(&srv.http()).await, SUBJECT).await;
+    let alice = sdk::register(&srv.url(), "alice").await;
+    let bob = sdk::register(&srv.url(), "bob").await;
+    // Bob's keys are published once he has been online.
+    sdk::online(&bob).await;
+    bob.client.close().await;
+    assert_eq!(bob.client.push_status().await.expect("status"), None);
+    assert_eq!(
+        bob.client.vapid_public_key().await.expect("vapid"),
+        B64.encode(vapid_key(&srv.http()).await)
+    );
+
+    // The SDK makes the keys: the push service relays what it cannot read, bob's SDK reads it.
+    let endpoint = service.subscribe_opaque("bob");
+    let r = bob
+        .client
+        .register_push(&endpoint, None)
+        .await
+        .expect("register");
+    assert_eq!(r.origin, service.origin);
+    assert!(r.decrypts_here);
+    assert_eq!(bob.client.push_status().await.expect("status"), Some(r));
+    sdk::online(&alice).await;
+    alice
+        .client
+        .send_text("bob", "the secret plan")
+        .await
+        .expect("send");
+    assert_eq!(service.wait_for("bob", 1, WAIT).await, 1);
+    let push = service.take().remove(0);
+    let wake = bob.client.decrypt_push(&push.body).await.expect("decrypt");
+    assert_eq!(wake.waiting, 1);
+    assert_eq!(wake.id.len(), 16);
+    let mut tampered = push.body.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(bob.client.decrypt_push(&tampered).await.is_err());
+    assert!(
+        bob.client.decrypt_push(&[0; 5000]).await.is_err(),
+        "bounded"
+    );
+
+    // Woken, bob connects and finds the message.
+    sdk::online(&bob).await;
+    let history = bob.client.history("alice", 10).expect("history");
+    assert_eq!(history.len(), 1);
+    bob.client.close().await;
+
+    // Keys made elsewhere (a browser's, a distributor's): the server takes them, and the
+    // SDK cannot decrypt.
+    let other = Receiver::generate();
+    let r = bob
+        .client
+        .register_push(
+            &endpoint,
+            Some(tern_client::PushKeys {
+                p256dh: B64.encode(other.p256dh()),
+                auth: B64.encode(other.auth()),
+            }),
+        )
+        .await
+        .expect("register");
+    assert!(!r.decrypts_here);
+    assert!(bob.client.decrypt_push(&push.body).await.is_err());
+    let bad = bob
+        .client
+        .register_push(
+            &endpoint,
+            Some(tern_client::PushKeys {
+                p256dh: "AAAA".into(),
+                auth: B64.encode(other.auth()),
+            }),
+        )
+        .await
+        .expect_err("bad keys");
+    assert_eq!(bad.code(), Some(tern_client::ErrorCode::BadRequest));
+
+    assert!(bob.client.remove_push().await.expect("remove"));
+    assert_eq!(bob.client.push_status().await.expect("status"), None);
+    assert!(!bob.client.remove_push().await.expect("again"));
+}

@@ -1,11 +1,11 @@
-//! Accounts, sessions, devices, last seen and privacy: HTTP-only commands.
+//! Accounts, sessions, devices, last seen, privacy and push: HTTP-only commands.
 
 use std::io::{BufRead, IsTerminal};
 
 use anyhow::Context;
-use tern_client::{Client, Visibility};
+use tern_client::{Client, PushKeys, Visibility};
 
-use crate::args::{Credentials, DevicesAction, PrivacySetting};
+use crate::args::{Credentials, DevicesAction, PrivacySetting, PushAction};
 use crate::output::{Printer, cli_error};
 
 /// The password from `--password-stdin`, `--password` or `TERN_PASSWORD`, never a prompt:
@@ -119,6 +119,50 @@ pub async fn privacy(
             client.set_last_seen_privacy(vis).await?;
             out.privacy(vis.as_str());
         }
+    }
+    Ok(())
+}
+
+/// `tern push register|status|remove|decrypt|vapid`.
+pub async fn push(client: &Client, out: &Printer, action: PushAction) -> anyhow::Result<()> {
+    match action {
+        PushAction::Register {
+            endpoint,
+            p256dh,
+            auth,
+        } => {
+            let keys = match (p256dh, auth) {
+                (Some(p256dh), Some(auth)) => Some(PushKeys { p256dh, auth }),
+                _ => None,
+            };
+            let r = client.register_push(&endpoint, keys).await?;
+            out.push_registration(Some(&r));
+        }
+        PushAction::Status => out.push_registration(client.push_status().await?.as_ref()),
+        PushAction::Remove => {
+            if !client.remove_push().await? {
+                return Err(cli_error(
+                    "not_found",
+                    "this device has no push subscription",
+                ));
+            }
+            out.push_registration(None);
+        }
+        PushAction::Decrypt { file } => {
+            let mut body = Vec::new();
+            match file {
+                Some(path) => {
+                    body = std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                }
+                None => {
+                    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut body)
+                        .context("cannot read standard input")?;
+                }
+            }
+            out.push_wake(&client.decrypt_push(&body).await?);
+        }
+        PushAction::Vapid => out.vapid(&client.vapid_public_key().await?),
     }
     Ok(())
 }

@@ -38,6 +38,7 @@ pub async fn run(cli: Cli, out: &Printer) -> anyhow::Result<()> {
             .await
         }
         Command::Privacy { setting } => account::privacy(&client, out, setting).await,
+        Command::Push { action } => account::push(&client, out, action).await,
         Command::Send { first, text, group } => {
             let (target, text) = Target::with_payload(
                 first,

@@ -192,6 +192,9 @@ pub(crate) struct LocalStore {
     key: Arc<PickleKey>,
 }
 
+/// Where, among the sealed secrets, the push keys are (and the label they are sealed under).
+const PUSH_RECEIVER: &str = "push_receiver";
+
 /// The name of the key file that protects a profile's keys when no passphrase is set.
 pub(crate) const KEY_FILE: &str = "store.key";
 
@@ -352,9 +355,46 @@ impl LocalStore {
             [],
         )?;
         tx.execute("DELETE FROM session", [])?;
+        // The device is gone, and its push subscription with it.
+        tx.execute("DELETE FROM crypto_meta WHERE key = ?1", [PUSH_RECEIVER])?;
         set_meta(&tx, "mailbox_cursor", 0)?;
         tx.commit()?;
         Ok(())
+    }
+
+    // ---- push ----------------------------------------------------------------------------
+
+    /// Keeps (or, with `None`, forgets) the keys this device decrypts its pushes with,
+    /// sealed with the profile's key.
+    pub fn set_push_receiver(&self, r: Option<&tern_webpush::Receiver>) -> Result<(), Error> {
+        let conn = self.lock();
+        match r {
+            Some(r) => {
+                let plain = [r.secret_bytes(), r.auth().to_vec()].concat();
+                let sealed = self.key.seal(PUSH_RECEIVER, &plain)?;
+                crypto::set_meta_blob(&conn, PUSH_RECEIVER, &sealed)
+            }
+            None => {
+                conn.execute("DELETE FROM crypto_meta WHERE key = ?1", [PUSH_RECEIVER])?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The keys this device decrypts its pushes with, if it made them.
+    pub fn push_receiver(&self) -> Result<Option<tern_webpush::Receiver>, Error> {
+        let conn = self.lock();
+        let Some(sealed) = crypto::meta_blob(&conn, PUSH_RECEIVER)? else {
+            return Ok(None);
+        };
+        let plain = self.key.open(PUSH_RECEIVER, &sealed)?;
+        if plain.len() != 48 {
+            return Err(Error::Crypto("the stored push keys are malformed".into()));
+        }
+        let (secret, auth) = plain.split_at(32);
+        tern_webpush::Receiver::from_parts(secret, auth)
+            .map(Some)
+            .map_err(|e| Error::Crypto(format!("the stored push keys: {e}")))
     }
 
     /// The highest mailbox_seq stored (and so acknowledged or about to be).

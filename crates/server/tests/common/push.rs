@@ -1,7 +1,8 @@
 //! A Web Push service played by the test, on 127.0.0.1: it checks every request as a real one
 //! would (the VAPID signature and claims: the key it expects, `aud` its own origin, `exp`
 //! within 24 hours, `sub`; `Content-Encoding: aes128gcm`), decrypts the body with the
-//! subscriber's private key, and answers as scripted (201 once the script is done).
+//! subscriber's private key (when the test has it), and answers as scripted (201 once the
+//! script is done).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,9 @@ pub struct PushService {
     received: Arc<Mutex<Vec<Received>>>,
     script: Script,
     pub refusals: Arc<Mutex<Vec<String>>>,
-    subscribers: Arc<Mutex<HashMap<String, Arc<Receiver>>>>,
+    /// Each subscriber's keys; `None`: keys the service does not know (as a real one does
+    /// not: it relays what it cannot read).
+    subscribers: Arc<Mutex<HashMap<String, Option<Arc<Receiver>>>>>,
 }
 
 impl PushService {
@@ -108,7 +111,10 @@ impl PushService {
                             if header("content-encoding").as_deref() != Some("aes128gcm") {
                                 return Err("Content-Encoding".into());
                             }
-                            receiver.decrypt(&body).map_err(|e| e.to_string())
+                            match receiver {
+                                Some(r) => r.decrypt(&body).map_err(|e| e.to_string()),
+                                None => Ok(Vec::new()),
+                            }
                         };
                         let plaintext = match check() {
                             Ok(p) => p,
@@ -158,8 +164,18 @@ impl PushService {
         self.subscribers
             .lock()
             .expect("lock")
-            .insert(id.to_owned(), Arc::new(receiver));
+            .insert(id.to_owned(), Some(Arc::new(receiver)));
         json
+    }
+
+    /// Subscriber `id` whose keys the service does not know: its pushes are recorded as they
+    /// travel, `plaintext` empty.
+    pub fn subscribe_opaque(&self, id: &str) -> String {
+        self.subscribers
+            .lock()
+            .expect("lock")
+            .insert(id.to_owned(), None);
+        self.endpoint(id)
     }
 
     /// Subscriber `id` with the given keys.
@@ -167,7 +183,7 @@ impl PushService {
         self.subscribers
             .lock()
             .expect("lock")
-            .insert(id.to_owned(), Arc::new(receiver));
+            .insert(id.to_owned(), Some(Arc::new(receiver)));
     }
 
     pub fn endpoint(&self, id: &str) -> String {
