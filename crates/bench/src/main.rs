@@ -71,6 +71,18 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         messages: u64,
     },
+    /// N offline devices registered for push, one message each at a fixed rate: the delay
+    /// from message to push at a push service on 127.0.0.1, and the server's CPU time.
+    Push {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Messages per second (one per device).
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Register no subscriptions: the same messages without pushes (a baseline).
+        #[arg(long)]
+        no_push: bool,
+    },
     /// Upload and download one object: throughput both ways, server memory growth.
     Media {
         /// Object size in bytes (at most the server's media.max_object_bytes, 2 GiB).
@@ -116,6 +128,11 @@ fn main() -> anyhow::Result<()> {
                 seconds,
             } => scenarios::fanout::run(&target, members, rate, seconds, body).await?,
             Scenario::Drain { messages } => scenarios::drain::run(&target, messages, body).await?,
+            Scenario::Push {
+                devices,
+                rate,
+                no_push,
+            } => scenarios::push::run(&target, pid, devices, rate, no_push, body).await?,
             Scenario::Media { size, chunk } => {
                 scenarios::media::run(&target, pid, size, chunk).await?
             }

@@ -104,6 +104,8 @@ impl Target {
             "rate_limits.sends_per_second=100000000",
             "rate_limits.send_burst=100000000",
             "connections.max_per_address=100000000",
+            // The `push` scenario's push service is on 127.0.0.1, over http.
+            "push.allow_insecure_loopback=true",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -198,4 +200,16 @@ pub fn rss(pid: u32) -> Option<(u64, u64)> {
             .map(|kb| kb * 1024)
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time (user + system) the process has used so far, from /proc (Linux; clock ticks of
+/// 1/100 s, USER_HZ on every common configuration).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }

@@ -239,12 +239,20 @@ impl tower_service::Service<Name> for PublicResolver {
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector<PublicResolver>>;
 
+/// How long a VAPID token is valid (RFC 8292 allows at most 24 hours).
+const TOKEN_SECS: u64 = 12 * 3600;
+/// Push service origins whose tokens are kept (there are a few in practice; the cache is
+/// emptied when a registration spree of distinct origins fills it).
+const MAX_CACHED_TOKENS: usize = 1024;
+
 /// Web Push over HTTP/1.1 (TLS with the system's roots).
 pub struct WebPush {
     client: Client<Connector, Full<Bytes>>,
     vapid: Arc<Vapid>,
     policy: EndpointPolicy,
     config: PushConfig,
+    /// Signed VAPID tokens by origin, with when they expire.
+    tokens: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
 
 fn tls_config() -> Result<rustls::ClientConfig, String> {
@@ -288,6 +296,7 @@ impl WebPush {
             vapid,
             policy,
             config: config.clone(),
+            tokens: Default::default(),
         })
     }
 
@@ -306,6 +315,36 @@ impl WebPush {
         Duration::from_millis(jittered as u64).min(max)
     }
 
+    /// The VAPID `Authorization` for push service `origin`: a token valid 12 hours, signed
+    /// once and reused until an hour before it expires (signing is most of a push's CPU).
+    fn authorization(&self, origin: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Ok(mut cache) = self.tokens.lock() else {
+            return self.sign(origin, now);
+        };
+        if let Some((token, exp)) = cache.get(origin)
+            && *exp > now + 3600
+        {
+            return token.clone();
+        }
+        if cache.len() >= MAX_CACHED_TOKENS {
+            cache.clear();
+        }
+        let token = self.sign(origin, now);
+        cache.insert(origin.to_owned(), (token.clone(), now + TOKEN_SECS));
+        token
+    }
+
+    fn sign(&self, origin: &str, now: u64) -> String {
+        self.vapid.authorization(&Claims {
+            aud: origin.to_owned(),
+            exp: now + TOKEN_SECS,
+            sub: (!self.config.subject.is_empty()).then(|| self.config.subject.clone()),
+        })
+    }
+
     async fn attempt(
         &self,
         subscription: &PushSubscription,
@@ -313,15 +352,7 @@ impl WebPush {
         body: &Bytes,
         wake: &Wake,
     ) -> Result<u16, (Option<Duration>, String)> {
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            + 12 * 3600;
-        let authorization = self.vapid.authorization(&Claims {
-            aud: origin.to_owned(),
-            exp,
-            sub: (!self.config.subject.is_empty()).then(|| self.config.subject.clone()),
-        });
+        let authorization = self.authorization(origin);
         let mut request = hyper::Request::post(&subscription.endpoint)
             .header("TTL", self.config.ttl_secs.to_string())
             .header("Content-Encoding", "aes128gcm")

@@ -296,10 +296,10 @@ pub trait Store: Send + Sync + 'static {
         rules: PushRules,
     ) -> Result<Vec<PushClaim>, StoreError>;
 
-    /// Settles the claim that announced `mseq` (nothing if a newer claim replaced it):
-    /// `sent` when the push service took the push (or refused it for good); otherwise the
-    /// claim is released, and the next message or scan may claim again.
-    async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError>;
+    /// Settles claims, each `(device, mseq, sent)`: the claim that announced `mseq` (nothing
+    /// if a newer claim replaced it) is `sent` when the push service took the push (or refused
+    /// it for good); otherwise it is released, and the next message or scan may claim again.
+    async fn settle_pushes(&self, settles: Vec<(DeviceId, u64, bool)>) -> Result<(), StoreError>;
 
     /// Devices with a subscription that the rule may owe a push (whether they are connected
     /// is not known here), in id order after `after`, at most `limit`.

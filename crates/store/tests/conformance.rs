@@ -1543,7 +1543,7 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
     // Claimed: nobody else gets it, and later messages wait for an answer.
     assert_eq!(claim(11).await.expect("claim"), PushClaim::Nothing);
     assert!(candidates(11).await.expect("scan").is_empty());
-    s.settle_push(b, 2, true).await.expect("sent");
+    s.settle_pushes(vec![(b, 2, true)]).await.expect("sent");
     post("m3").await.expect("post");
     assert_eq!(
         claim(5_000).await.expect("claim"),
@@ -1561,7 +1561,7 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
     assert_eq!(candidates(1_000).await.expect("scan"), vec![(bu, b)]);
     assert_eq!(claim(3_010).await.expect("claim"), send(4, 1));
     // A failed push is released: claimed again once the window has passed.
-    s.settle_push(b, 4, false).await.expect("release");
+    s.settle_pushes(vec![(b, 4, false)]).await.expect("release");
     assert_eq!(candidates(3_011).await.expect("scan"), vec![(bu, b)]);
     assert_eq!(
         claim(3_011).await.expect("claim"),
@@ -1575,8 +1575,8 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
         vec![(bu, b)]
     );
     assert_eq!(claim(6_010 + 50_000).await.expect("claim"), send(4, 1));
-    s.settle_push(b, 4, true).await.expect("sent");
-    s.settle_push(b, 3, false)
+    s.settle_pushes(vec![(b, 4, true)]).await.expect("sent");
+    s.settle_pushes(vec![(b, 3, false)])
         .await
         .expect("a stale settle changes nothing");
     assert!(candidates(56_010 + 99_999).await.expect("scan").is_empty());
@@ -1623,7 +1623,7 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
     assert_eq!(sends, 1);
     assert!(candidates(400_001).await.expect("scan").is_empty());
     // Paging: after the last candidate, nothing.
-    s.settle_push(b, 5, false).await.expect("release");
+    s.settle_pushes(vec![(b, 5, false)]).await.expect("release");
     assert!(
         s.push_candidates(500_000, rules, b, 100)
             .await

@@ -49,6 +49,8 @@ pub enum Error {
     BadVapid(&'static str),
     #[error("a VAPID private key is 32 bytes of a valid P-256 scalar")]
     BadPrivateKey,
+    #[error("the system's random generator failed")]
+    Random,
 }
 
 fn public_key(p256dh: &[u8]) -> Result<PublicKey, Error> {
@@ -105,9 +107,31 @@ fn derive(
 /// Encrypts `plaintext` for the subscription (`p256dh`, `auth`): the body of a Web Push
 /// request with `Content-Encoding: aes128gcm`. A fresh key pair and salt every time.
 pub fn encrypt(p256dh: &[u8], auth: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Error> {
-    encrypt_with(p256dh, auth, plaintext, rand::random(), &random_secret())
+    use ring::agreement::{ECDH_P256, EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral};
+    check_keys(p256dh, auth)?;
+    if plaintext.len() > MAX_PLAINTEXT {
+        return Err(Error::TooLong);
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let sender = EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|_| Error::Random)?;
+    let sender_public = sender.compute_public_key().map_err(|_| Error::Random)?;
+    let sender_public = sender_public.as_ref().to_vec();
+    let shared = agree_ephemeral(sender, &UnparsedPublicKey::new(&ECDH_P256, p256dh), |s| {
+        s.to_vec()
+    })
+    .map_err(|_| Error::BadPublicKey)?;
+    seal(
+        p256dh,
+        auth,
+        plaintext,
+        rand::random(),
+        &sender_public,
+        &shared,
+    )
 }
 
+/// [`encrypt`] with a given salt and sender key (RFC 8291's example).
+#[cfg(test)]
 fn encrypt_with(
     p256dh: &[u8],
     auth: &[u8],
@@ -116,19 +140,32 @@ fn encrypt_with(
     sender: &SecretKey,
 ) -> Result<Vec<u8>, Error> {
     check_keys(p256dh, auth)?;
-    if plaintext.len() > MAX_PLAINTEXT {
-        return Err(Error::TooLong);
-    }
     let receiver = public_key(p256dh)?;
     let shared = p256::ecdh::diffie_hellman(sender.to_nonzero_scalar(), receiver.as_affine());
     let sender_public = uncompressed(&sender.public_key());
-    let (cek, nonce) = derive(
-        auth,
-        shared.raw_secret_bytes().as_slice(),
+    seal(
         p256dh,
+        auth,
+        plaintext,
+        salt,
         &sender_public,
-        &salt,
-    );
+        shared.raw_secret_bytes().as_slice(),
+    )
+}
+
+/// The body, from the agreed secret.
+fn seal(
+    p256dh: &[u8],
+    auth: &[u8],
+    plaintext: &[u8],
+    salt: [u8; 16],
+    sender_public: &[u8],
+    shared: &[u8],
+) -> Result<Vec<u8>, Error> {
+    if plaintext.len() > MAX_PLAINTEXT {
+        return Err(Error::TooLong);
+    }
+    let (cek, nonce) = derive(auth, shared, p256dh, sender_public, &salt);
     // One record, the last: the plaintext, then the delimiter 2, no padding.
     let mut record = Vec::with_capacity(plaintext.len() + 1 + TAG);
     record.extend_from_slice(plaintext);
@@ -140,7 +177,7 @@ fn encrypt_with(
     body.extend_from_slice(&salt);
     body.extend_from_slice(&RECORD_SIZE.to_be_bytes());
     body.push(PUBLIC_KEY_LEN as u8);
-    body.extend_from_slice(&sender_public);
+    body.extend_from_slice(sender_public);
     body.extend_from_slice(&sealed);
     Ok(body)
 }

@@ -7,6 +7,7 @@ pub mod drain;
 pub mod fanout;
 pub mod latency;
 pub mod media;
+pub mod push;
 pub mod throughput;
 
 /// A short id making this run's usernames unique.

@@ -32,6 +32,11 @@ const MAX_SCHEDULED: usize = 262_144;
 const BATCH: usize = 256;
 /// Candidates read from the store per page of a scan.
 const SCAN_PAGE: usize = 1_000;
+/// Settled claims are written in batches, at most this often: a batch is one commit instead
+/// of one per push. Settles lost in a crash only make their claims count as abandoned sooner.
+const SETTLE_EVERY: Duration = Duration::from_millis(200);
+/// Most settles written at once.
+const SETTLE_BATCH: usize = 4096;
 /// The RFC 8030 topic of message wake-ups: a push service holding an undelivered one
 /// replaces it with the next.
 const TOPIC: &str = "messages";
@@ -60,7 +65,11 @@ pub fn start(
 ) {
     let (sink, reports) = mpsc::channel(REPORT_QUEUE);
     hub.report_offline(sink);
+    let (settle, settles) = mpsc::channel(SETTLE_BATCH);
+    // Runs until every sender is gone: the pusher's and its sends' in flight.
+    tokio::spawn(settler(store.clone(), settles));
     let pusher = Pusher {
+        settle,
         store,
         hub,
         clock,
@@ -81,6 +90,7 @@ pub fn start(
 }
 
 struct Pusher {
+    settle: mpsc::Sender<(DeviceId, u64, bool)>,
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     clock: Arc<dyn Clock>,
@@ -191,10 +201,11 @@ impl Pusher {
                     let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
                         return;
                     };
-                    let (store, provider, clock) = (
+                    let (store, provider, clock, settle) = (
                         self.store.clone(),
                         self.provider.clone(),
                         self.clock.clone(),
+                        self.settle.clone(),
                     );
                     tokio::spawn(async move {
                         let claim = Claim {
@@ -203,13 +214,17 @@ impl Pusher {
                             mseq,
                             waiting,
                         };
-                        if send(&*store, &*provider, claim).await
+                        let settled = send(&*store, &*provider, claim).await;
+                        if let Some((_, _, true)) = settled
                             && let Some(since) = since_ms
                         {
                             let delay = (clock.now_ms() - since).max(0) as f64 / 1000.0;
                             metrics::histogram!("tern_push_delay_seconds").record(delay);
                         }
                         drop(permit);
+                        if let Some(s) = settled {
+                            let _ = settle.send(s).await;
+                        }
                     });
                 }
             }
@@ -276,25 +291,30 @@ struct Claim {
     waiting: u32,
 }
 
-/// Sends one claimed push and settles the claim by what became of it; whether the push
-/// service took it.
-async fn send(store: &dyn Store, provider: &dyn Provider, claim: Claim) -> bool {
+/// Sends one claimed push; how to settle the claim by what became of it (`(device, mseq,
+/// sent)`; `None` once the subscription is gone and removed, claim and all).
+async fn send(
+    store: &dyn Store,
+    provider: &dyn Provider,
+    claim: Claim,
+) -> Option<(DeviceId, u64, bool)> {
     let Claim {
         device,
         subscription,
         mseq,
         waiting,
     } = claim;
-    let outcome = provider.send(&subscription, &wake(waiting)).await;
-    let delivered = matches!(outcome, Outcome::Delivered { .. });
-    let settled = match outcome {
-        Outcome::Delivered { .. } => store.settle_push(device, mseq, true).await,
+    match provider.send(&subscription, &wake(waiting)).await {
+        Outcome::Delivered { .. } => Some((device, mseq, true)),
         Outcome::Gone => {
             tracing::info!(device, "push subscription gone; removed");
-            store
+            if let Err(e) = store
                 .remove_push_subscription(device, Some(&subscription.endpoint))
                 .await
-                .map(|_| ())
+            {
+                tracing::warn!(device, error = %e, "cannot remove a gone push subscription");
+            }
+            None
         }
         Outcome::Failed {
             permanent, reason, ..
@@ -302,11 +322,20 @@ async fn send(store: &dyn Store, provider: &dyn Provider, claim: Claim) -> bool 
             tracing::warn!(device, permanent, %reason, "push failed");
             // Refused for good: retrying would be refused again, so the claim stands (until
             // it counts as lost). Failing for now: released, for the next message or scan.
-            store.settle_push(device, mseq, permanent).await
+            Some((device, mseq, permanent))
         }
-    };
-    if let Err(e) = settled {
-        tracing::warn!(device, error = %e, "cannot settle a push");
     }
-    delivered
+}
+
+/// Writes settled claims in batches, at most every [`SETTLE_EVERY`].
+async fn settler(store: Arc<dyn Store>, mut settles: mpsc::Receiver<(DeviceId, u64, bool)>) {
+    let mut batch = Vec::with_capacity(SETTLE_BATCH);
+    while settles.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+        let n = batch.len();
+        if let Err(e) = store.settle_pushes(std::mem::take(&mut batch)).await {
+            // The claims stay unsettled: they count as abandoned after their time.
+            tracing::warn!(error = %e, settles = n, "cannot settle pushes");
+        }
+        tokio::time::sleep(SETTLE_EVERY).await;
+    }
 }

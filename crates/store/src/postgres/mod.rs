@@ -739,8 +739,8 @@ impl Store for PgStore {
             .await)
     }
 
-    async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError> {
-        push::settle_push(&self.client().await?, device, mseq, sent).await
+    async fn settle_pushes(&self, settles: Vec<(DeviceId, u64, bool)>) -> Result<(), StoreError> {
+        transaction!(self, |t| push::settle_pushes(&t, &settles).await)
     }
 
     async fn push_candidates(

@@ -177,7 +177,20 @@ async fn claim_push<C: GenericClient>(
     })
 }
 
-pub async fn settle_push<C: GenericClient>(
+/// In device order, like claims, so that concurrent transactions cannot deadlock.
+pub async fn settle_pushes<C: GenericClient>(
+    c: &C,
+    settles: &[(DeviceId, u64, bool)],
+) -> Result<(), StoreError> {
+    let mut sorted = settles.to_vec();
+    sorted.sort_unstable();
+    for (device, mseq, sent) in sorted {
+        settle_push(c, device, mseq, sent).await?;
+    }
+    Ok(())
+}
+
+async fn settle_push<C: GenericClient>(
     c: &C,
     device: DeviceId,
     mseq: u64,

@@ -576,9 +576,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn settle_push(&self, device: DeviceId, mseq: u64, sent: bool) -> Result<(), StoreError> {
-        self.write(move |t, _| push::settle_push(t, device, mseq, sent))
-            .await
+    async fn settle_pushes(&self, settles: Vec<(DeviceId, u64, bool)>) -> Result<(), StoreError> {
+        self.write(move |t, _| {
+            settles
+                .iter()
+                .try_for_each(|&(d, mseq, sent)| push::settle_push(t, d, mseq, sent))
+        })
+        .await
     }
 
     async fn push_candidates(
