@@ -508,7 +508,16 @@ async fn the_server_is_blind() {
     let data = tempfile::tempdir().expect("data");
     let logs = tempfile::tempdir().expect("logs");
     let log = logs.path().join("ternd.log");
-    let ternd = common::spawn_ternd_logging(data.path(), "trace", Some(&log));
+    // Pushes go to a push service on this machine: their bodies are searched too.
+    let settings: Vec<&str> = common::LIFTED
+        .iter()
+        .copied()
+        .chain([
+            "push.allow_insecure_loopback=true",
+            "push.subject=\"mailto:ops@example.org\"",
+        ])
+        .collect();
+    let ternd = common::spawn_ternd_with(data.path(), "trace", Some(&log), &settings);
     let url = format!("http://{}", ternd.addr);
     let a1 = register(&url, "alice").await;
     let a2 = login(&url, "alice").await;
@@ -523,7 +532,9 @@ async fn the_server_is_blind() {
         "PLAINTEXT-group-c2d4",
         "PLAINTEXT-caption-55e1",
         "PLAINTEXT-filebody-0a9e",
+        "PLAINTEXT-pushed-3e7f",
     ];
+    let mut files = Vec::new();
     let (mut eb, mut ec) = (b.client.events(), c.client.events());
     a1.client.send_text("bob", secrets[0]).await.expect("send");
     expect_text(&mut eb, secrets[0]).await;
@@ -569,9 +580,37 @@ async fn the_server_is_blind() {
         secrets[4].repeat(1000).into_bytes()
     );
 
-    // Everything the server wrote: database (and WAL), media blobs, log.
+    // Carol registers for push and goes offline; a direct message and a group message wake
+    // her. Her push service relays ciphertext; what her SDK decrypts names nothing.
+    let service = common::push::PushService::start(
+        common::push::vapid_key(&common::http_for(ternd.addr)).await,
+        common::push::SUBJECT,
+    )
+    .await;
+    let endpoint = service.subscribe_opaque("carol");
+    c.client
+        .register_push(&endpoint, None)
+        .await
+        .expect("register push");
+    c.client.close().await;
+    a1.client
+        .send_text("carol", secrets[5])
+        .await
+        .expect("send");
+    a1.client
+        .send_group_text(g, secrets[5])
+        .await
+        .expect("group");
+    assert_eq!(service.wait_for("carol", 1, common::WAIT).await, 1);
+    let push = service.take().remove(0);
+    let wake = c.client.decrypt_push(&push.body).await.expect("decrypt");
+    assert!(wake.waiting >= 1);
+    // The SDK takes exactly `n` and `id` (unknown fields are refused): a count, random hex.
+    assert!(wake.id.chars().all(|ch| ch.is_ascii_hexdigit()), "{wake:?}");
+    files.push((logs.path().join("push body"), push.body.clone()));
+
+    // Everything the server wrote: database (and WAL), media blobs, log, and the push.
     drop(ternd);
-    let mut files = Vec::new();
     files_under(data.path(), &mut files);
     files.push((log.clone(), std::fs::read(&log).expect("log")));
     assert!(
