@@ -568,7 +568,7 @@ async fn push_keys_and_subscriptions_are_cluster_wide() {
 
 #[tokio::test]
 async fn a_device_connected_nowhere_is_woken_once_by_the_cluster() {
-    use common::push::{PushService, SUBJECT, pushing, vapid_key};
+    use common::push::{PushService, SUBJECT, pushing, subscribe_device, vapid_key};
     // Both nodes look in the store every second besides: still one push.
     let Some(cluster) = TestCluster::start("cluster", 2, |c| {
         quiet_recheck(c);
@@ -583,14 +583,7 @@ async fn a_device_connected_nowhere_is_woken_once_by_the_cluster() {
     let service = PushService::start(vapid_key(&a).await, SUBJECT).await;
     let (_, _, alice_token) = a.account("alice").await;
     let (bob, b1, bob_token) = b.account("bob").await;
-    let (s, _) = b
-        .put_json(
-            &format!("/v1/devices/{b1}/push"),
-            service.subscribe("bob"),
-            Some(&bob_token),
-        )
-        .await;
-    assert_eq!(s, 200);
+    subscribe_device(&b, &service, b1, &bob_token, "bob").await;
     let (mut alice_ws, _, _) = Raw::connect(cluster.nodes[0].addr, &alice_token).await;
     let (mut bob_ws, _, _) = Raw::connect(cluster.nodes[1].addr, &bob_token).await;
 

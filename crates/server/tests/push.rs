@@ -337,7 +337,7 @@ async fn pushes_never_reach_this_machine_or_a_private_network_unless_allowed() {
 
 // --- when the server pushes ---
 
-use common::push::{SUBJECT, pushing, vapid_key};
+use common::push::{SUBJECT, pushing, subscribe_device, vapid_key};
 use tern_proto::frames::*;
 
 async fn sent(raw: &mut Raw, rid: u64) -> u64 {
@@ -398,14 +398,7 @@ async fn an_offline_device_is_woken_once_per_burst_and_never_while_connected() {
     let service = PushService::start(vapid_key(&http).await, SUBJECT).await;
     let (alice, alice_device, alice_token) = http.account("alice").await;
     let (bob, bob_device, bob_token) = http.account("bob").await;
-    let (s, _) = http
-        .put_json(
-            &format!("/v1/devices/{bob_device}/push"),
-            service.subscribe("bob"),
-            Some(&bob_token),
-        )
-        .await;
-    assert_eq!(s, 200);
+    subscribe_device(&http, &service, bob_device, &bob_token, "bob").await;
     let (mut a, _, _) = Raw::connect(srv.addr, &alice_token).await;
 
     // Bob is connected nowhere: the burst wakes him once. Later messages, while that push is
@@ -468,14 +461,7 @@ async fn an_offline_device_is_woken_once_per_burst_and_never_while_connected() {
 
     // Receipts alone wake nobody: alice subscribes and leaves; bob collects (delivered
     // receipts for alice) and reads (a read receipt).
-    let (s, _) = http
-        .put_json(
-            &format!("/v1/devices/{alice_device}/push"),
-            service.subscribe("alice"),
-            Some(&alice_token),
-        )
-        .await;
-    assert_eq!(s, 200);
+    subscribe_device(&http, &service, alice_device, &alice_token, "alice").await;
     leave(&srv, a, alice, alice_device).await;
     let (mut b, _, pending) = Raw::connect(srv.addr, &bob_token).await;
     ack_all(&mut b, &pending).await;
@@ -559,14 +545,7 @@ async fn a_push_still_owed_at_a_restart_is_sent_after_it() {
     let service = PushService::start(vapid_key(&http).await, SUBJECT).await;
     let (_, _, alice_token) = http.account("alice").await;
     let (bob, bob_device, bob_token) = http.account("bob").await;
-    let (s, _) = http
-        .put_json(
-            &format!("/v1/devices/{bob_device}/push"),
-            service.subscribe("bob"),
-            Some(&bob_token),
-        )
-        .await;
-    assert_eq!(s, 200);
+    subscribe_device(&http, &service, bob_device, &bob_token, "bob").await;
     service.script(&[(503, None)]);
     let (mut a, _, _) = Raw::connect(srv.addr, &alice_token).await;
     burst(&mut a, bob, bob_device, "m", 1).await;

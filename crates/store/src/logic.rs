@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use tern_proto::frames::{GroupAction, GroupEvent, UserRef as WireUser};
 
 use crate::{
-    DeviceAuth, DeviceId, GroupOp, GroupRecord, MediaHash, MemberRecord, PushRules, PushState,
-    Role, StoreError, UploadRecord, UserId, UserRef, Visibility,
+    DeviceAuth, DeviceId, GroupOp, GroupRecord, MediaHash, MemberRecord, PushClaim, PushRules,
+    PushState, PushSubscription, Role, StoreError, UploadRecord, UserId, UserRef, Visibility,
 };
 
 /// How every backend stores a last-seen visibility.
@@ -371,6 +371,26 @@ pub fn push_decision(
         return PushDecision::NotBefore(at.saturating_add(rules.window_ms));
     }
     PushDecision::Send(newest)
+}
+
+/// The answer a decision gives, once a backend has recorded a [`PushDecision::Send`]:
+/// `waiting` messages in the mailbox, the oldest not announced before from `since_ms`.
+pub fn push_claim(
+    decision: PushDecision,
+    subscription: PushSubscription,
+    waiting: i64,
+    since_ms: Option<i64>,
+) -> PushClaim {
+    match decision {
+        PushDecision::Nothing => PushClaim::Nothing,
+        PushDecision::NotBefore(at_ms) => PushClaim::NotBefore { at_ms },
+        PushDecision::Send(mseq) => PushClaim::Send {
+            subscription,
+            mseq,
+            waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+            since_ms,
+        },
+    }
 }
 
 #[cfg(test)]

@@ -246,3 +246,21 @@ pub async fn vapid_key(http: &super::Http) -> Vec<u8> {
     B64.decode(v["public_key"].as_str().expect("key"))
         .expect("base64url")
 }
+
+/// Makes subscriber `id` of `service` the push subscription of `device` (its `token`).
+pub async fn subscribe_device(
+    http: &super::Http,
+    service: &PushService,
+    device: u64,
+    token: &str,
+    id: &str,
+) {
+    let (s, v) = http
+        .put_json(
+            &format!("/v1/devices/{device}/push"),
+            service.subscribe(id),
+            Some(token),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+}

@@ -3,7 +3,7 @@
 use deadpool_postgres::GenericClient;
 
 use super::{RowExt, execute, id, query, query_one, query_opt};
-use crate::logic::{PushDecision, push_decision};
+use crate::logic::{PushDecision, push_claim, push_decision};
 use crate::*;
 
 pub async fn set_push_subscription<C: GenericClient>(
@@ -155,26 +155,16 @@ async fn claim_push<C: GenericClient>(
         now_ms,
         rules,
     );
-    Ok(match decision {
-        PushDecision::Nothing => PushClaim::Nothing,
-        PushDecision::NotBefore(at_ms) => PushClaim::NotBefore { at_ms },
-        PushDecision::Send(mseq) => {
-            execute(
-                c,
-                "UPDATE push_subscriptions SET pushed_mseq = $2, pushed_ms = $3,
-                     push_confirmed = FALSE
-                 WHERE device_id = $1",
-                &[&id(device), &id(mseq), &now_ms],
-            )
-            .await?;
-            PushClaim::Send {
-                subscription,
-                mseq,
-                waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
-                since_ms,
-            }
-        }
-    })
+    if let PushDecision::Send(mseq) = decision {
+        execute(
+            c,
+            "UPDATE push_subscriptions SET pushed_mseq = $2, pushed_ms = $3, push_confirmed = FALSE
+             WHERE device_id = $1",
+            &[&id(device), &id(mseq), &now_ms],
+        )
+        .await?;
+    }
+    Ok(push_claim(decision, subscription, waiting, since_ms))
 }
 
 /// In device order, like claims, so that concurrent transactions cannot deadlock.

@@ -566,11 +566,25 @@ impl Store for SqliteStore {
         now_ms: i64,
         rules: PushRules,
     ) -> Result<Vec<PushClaim>, StoreError> {
+        // Most devices reported offline have no subscription: a reader finds which do, so
+        // that the writer sees only those. A subscription set meanwhile is seen by the next
+        // message or scan.
+        let subscribed = {
+            let devices = devices.clone();
+            self.read(move |c| push::subscribed(c, &devices)).await?
+        };
+        if !subscribed.iter().any(|&s| s) {
+            return Ok(vec![PushClaim::Nothing; devices.len()]);
+        }
         // On the writer: each read and the claim it decides are one transaction.
         self.write(move |t, _| {
             devices
                 .iter()
-                .map(|&d| push::claim_push(t, d, now_ms, &rules))
+                .zip(subscribed)
+                .map(|(&d, s)| match s {
+                    true => push::claim_push(t, d, now_ms, &rules),
+                    false => Ok(PushClaim::Nothing),
+                })
                 .collect()
         })
         .await

@@ -2,7 +2,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::logic::{PushDecision, push_decision};
+use crate::logic::{PushDecision, push_claim, push_decision};
 use crate::*;
 
 pub fn set_push_subscription(
@@ -79,6 +79,15 @@ pub fn server_secret(c: &Connection, name: &str, candidate: &[u8]) -> Result<Vec
     )
 }
 
+/// Which of `devices` have a subscription.
+pub fn subscribed(c: &Connection, devices: &[DeviceId]) -> Result<Vec<bool>, StoreError> {
+    let mut st = c.prepare_cached("SELECT 1 FROM push_subscriptions WHERE device_id = ?1")?;
+    devices
+        .iter()
+        .map(|&d| Ok(st.exists([d as i64])?))
+        .collect()
+}
+
 pub fn claim_push(
     c: &Connection,
     device: DeviceId,
@@ -124,31 +133,23 @@ pub fn claim_push(
         now_ms,
         rules,
     );
-    Ok(match decision {
-        PushDecision::Nothing => PushClaim::Nothing,
-        PushDecision::NotBefore(at_ms) => PushClaim::NotBefore { at_ms },
-        PushDecision::Send(mseq) => {
-            let since_ms: Option<i64> = c
-                .prepare_cached(
-                    "SELECT min(ts) FROM mailbox WHERE device_id = ?1 AND kind = 1 AND mseq > ?2",
-                )?
-                .query_row(
-                    params![device as i64, last.pushed_mseq.unwrap_or(0) as i64],
-                    |r| r.get(0),
-                )?;
-            c.prepare_cached(
-                "UPDATE push_subscriptions SET pushed_mseq = ?2, pushed_ms = ?3, push_confirmed = 0
-                 WHERE device_id = ?1",
+    let mut since_ms = None;
+    if let PushDecision::Send(mseq) = decision {
+        since_ms = c
+            .prepare_cached(
+                "SELECT min(ts) FROM mailbox WHERE device_id = ?1 AND kind = 1 AND mseq > ?2",
             )?
-            .execute(params![device as i64, mseq as i64, now_ms])?;
-            PushClaim::Send {
-                subscription,
-                mseq,
-                waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
-                since_ms,
-            }
-        }
-    })
+            .query_row(
+                params![device as i64, last.pushed_mseq.unwrap_or(0) as i64],
+                |r| r.get(0),
+            )?;
+        c.prepare_cached(
+            "UPDATE push_subscriptions SET pushed_mseq = ?2, pushed_ms = ?3, push_confirmed = 0
+             WHERE device_id = ?1",
+        )?
+        .execute(params![device as i64, mseq as i64, now_ms])?;
+    }
+    Ok(push_claim(decision, subscription, waiting, since_ms))
 }
 
 pub fn settle_push(
