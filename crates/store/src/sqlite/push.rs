@@ -79,15 +79,6 @@ pub fn server_secret(c: &Connection, name: &str, candidate: &[u8]) -> Result<Vec
     )
 }
 
-/// Which of `devices` have a subscription.
-pub fn subscribed(c: &Connection, devices: &[DeviceId]) -> Result<Vec<bool>, StoreError> {
-    let mut st = c.prepare_cached("SELECT 1 FROM push_subscriptions WHERE device_id = ?1")?;
-    devices
-        .iter()
-        .map(|&d| Ok(st.exists([d as i64])?))
-        .collect()
-}
-
 pub fn claim_push(
     c: &Connection,
     device: DeviceId,
