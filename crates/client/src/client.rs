@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tern_proto::ErrorCode;
-use tern_proto::http::{DeviceInfo, LastSeenResponse, PrivacySettings, Visibility};
+use tern_proto::http::{
+    DeviceInfo, LastSeenResponse, PrivacySettings, TurnCredentials, Visibility,
+};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -316,6 +318,13 @@ impl Client {
         self.inner.http.remove_device(&s.token, device_id).await?;
         lock(&self.inner.directory).invalidate_own();
         Ok(())
+    }
+
+    /// Short-lived credentials for the server's TURN relay (PROTOCOL.md §11), for a WebRTC
+    /// peer connection's `iceServers`; `not_found` when the server has none.
+    pub async fn turn_credentials(&self) -> Result<TurnCredentials, Error> {
+        let s = self.saved_session()?;
+        self.inner.http.turn(&s.token).await
     }
 
     pub async fn last_seen(&self, username: &str) -> Result<LastSeenResponse, Error> {

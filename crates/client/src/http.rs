@@ -14,7 +14,7 @@ use tern_proto::http::{
     DevicesResponse, ErrorBody, GroupInfo, GroupKeys, GroupSummary, GroupsResponse, KeyCounts,
     KeysUpload, LastSeenResponse, LoginRequest, LoginResponse, MessageInfo, PrivacySettings,
     PushSubscriptionRequest, PushSubscriptionResponse, RegisterRequest, RegisterResponse,
-    UpdateGroupRequest, UserKeys, VapidResponse,
+    TurnCredentials, UpdateGroupRequest, UserKeys, VapidResponse,
 };
 
 use crate::error::Error;
@@ -129,6 +129,10 @@ impl Http {
             Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    pub async fn turn(&self, token: &str) -> Result<TurnCredentials, Error> {
+        json(self.request(Method::GET, "/v1/calls/turn", Some(token))).await
     }
 
     pub async fn vapid(&self) -> Result<VapidResponse, Error> {

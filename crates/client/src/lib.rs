@@ -136,7 +136,7 @@ pub use tern_proto::ErrorCode;
 pub use tern_proto::content::MediaRef;
 pub use tern_proto::http::{
     DeviceInfo, GroupInfo, GroupMember, GroupSummary, LastSeenResponse, MemberReceipt, MessageInfo,
-    PrivacySettings, PushKeys, Role, Visibility,
+    PrivacySettings, PushKeys, Role, TurnCredentials, Visibility,
 };
 pub use types::{
     CloseReason, ConnectionState, DecryptionFailed, Event, KeysChanged, ReceiptEvent, ReceiptKind,

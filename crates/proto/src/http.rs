@@ -379,3 +379,14 @@ pub struct VapidResponse {
     /// Uncompressed P-256 point, unpadded base64url.
     pub public_key: String,
 }
+
+/// `GET /v1/calls/turn`: credentials for the TURN server, in the TURN REST API's shape
+/// (`username` = expiry in Unix seconds `:` user id, `password` = base64 of the HMAC-SHA1 of
+/// the username under the secret the TURN server shares), valid `ttl` seconds, for `uris`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TurnCredentials {
+    pub username: String,
+    pub password: String,
+    pub ttl: u64,
+    pub uris: Vec<String>,
+}

@@ -23,6 +23,7 @@ use crate::net::ConnLimiter;
 use crate::push::WebPush;
 use crate::ratelimit::{RateLimiter, RateLimits};
 use crate::services::accounts::Accounts;
+use crate::services::calls::Calls;
 use crate::services::groups::Groups;
 use crate::services::keys::Keys;
 use crate::services::messaging::Messaging;
@@ -40,6 +41,7 @@ pub struct AppState {
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
     pub push: Arc<Push>,
+    pub calls: Arc<Calls>,
     pub messaging: Arc<Messaging>,
     pub groups: Arc<Groups>,
     pub presence: Arc<Presence>,
@@ -202,6 +204,11 @@ impl AppState {
             &config.push,
             shutdown.clone(),
         );
+        let calls = Arc::new(Calls::new(
+            config.calls.clone(),
+            clock.clone(),
+            rate_limits.clone(),
+        ));
         let descriptors = crate::net::descriptor_limit();
         let max_connections = crate::net::total_bound(config.connections.max_total, descriptors);
         tracing::info!(
@@ -230,6 +237,7 @@ impl AppState {
             accounts,
             keys,
             push,
+            calls,
             rate_limits,
             connection_limits,
             config: Arc::new(config),

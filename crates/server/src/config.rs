@@ -37,6 +37,49 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Push notifications (Web Push, UnifiedPush) for devices that are offline.
     pub push: PushConfig,
+    /// Calls: the TURN server clients relay media through.
+    pub calls: CallsConfig,
+}
+
+/// Calls. `GET /v1/calls/turn` hands out short-lived credentials for a TURN server that
+/// shares `turn_secret` (coturn: `use-auth-secret`, `static-auth-secret`); empty: no TURN.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// The secret shared with the TURN server.
+    pub turn_secret: String,
+    /// The TURN (and STUN) URIs given to clients, e.g. `"turn:turn.example.org:3478"`,
+    /// `"turns:turn.example.org:5349?transport=tcp"`.
+    pub turn_uris: Vec<String>,
+    /// How long credentials stay valid.
+    pub turn_ttl_secs: u64,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        CallsConfig {
+            turn_secret: String::new(),
+            turn_uris: Vec::new(),
+            turn_ttl_secs: 3600,
+        }
+    }
+}
+
+impl std::fmt::Debug for CallsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallsConfig")
+            .field(
+                "turn_secret",
+                &if self.turn_secret.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
+            .field("turn_uris", &self.turn_uris)
+            .field("turn_ttl_secs", &self.turn_ttl_secs)
+            .finish()
+    }
 }
 
 /// Push notifications. The VAPID key is made at first start and kept in the store (so every
@@ -241,6 +284,8 @@ pub struct RateLimits {
     pub sends_per_second: u32,
     /// Messages one device may send at once before the sustained rate applies.
     pub send_burst: u32,
+    /// TURN credentials (`GET /v1/calls/turn`) one user may fetch per hour.
+    pub turn_per_hour_per_user: u32,
 }
 
 impl Default for RateLimits {
@@ -252,6 +297,7 @@ impl Default for RateLimits {
             logins_per_hour_per_user: 100,
             sends_per_second: 20,
             send_burst: 1024,
+            turn_per_hour_per_user: 120,
         }
     }
 }
@@ -462,6 +508,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             cluster: ClusterConfig::default(),
             push: PushConfig::default(),
+            calls: CallsConfig::default(),
         }
     }
 }
@@ -594,6 +641,23 @@ impl Config {
             || p.subject.starts_with("https://"))
         {
             return bad("push.subject is a mailto: or https: URL");
+        }
+        let calls = &self.calls;
+        if !calls.turn_secret.is_empty() {
+            if calls.turn_uris.is_empty() || calls.turn_uris.len() > 16 {
+                return bad("calls.turn_uris: 1 to 16 URIs when calls.turn_secret is set");
+            }
+            if let Some(u) = calls.turn_uris.iter().find(|u| {
+                !(u.starts_with("turn:") || u.starts_with("turns:") || u.starts_with("stun:"))
+                    || u.len() > 256
+            }) {
+                return Err(ConfigError::Invalid(format!(
+                    "calls.turn_uris: {u:?} is not a turn:, turns: or stun: URI"
+                )));
+            }
+        }
+        if !(60..=86_400).contains(&calls.turn_ttl_secs) {
+            return bad("calls.turn_ttl_secs is between 60 and 86400");
         }
         if c.trusted_proxies.len() > 64 {
             return bad("connections.trusted_proxies holds at most 64 entries");

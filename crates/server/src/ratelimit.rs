@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
-use tern_store::DeviceId;
+use tern_store::{DeviceId, UserId};
 
 use crate::config::RateLimits as Config;
 use crate::net::address_key;
@@ -77,6 +77,8 @@ pub trait RateLimiter: Send + Sync + 'static {
     /// Of `n` messages `device` sends now, how many it may (the first ones), and when fewer
     /// than `n`, how long until the next.
     async fn sends(&self, device: DeviceId, n: usize) -> (usize, Option<Duration>);
+    /// TURN credentials for `user`.
+    async fn turn(&self, user: UserId) -> Result<(), Duration>;
     /// Forgets idle state kept in this process (every minute).
     fn housekeeping(&self);
 }
@@ -87,6 +89,7 @@ pub enum Limited {
     Registration,
     Login,
     Send,
+    Turn,
 }
 
 /// Every rate limit of the server.
@@ -96,6 +99,7 @@ pub struct RateLimits {
     login_pair: Keyed<(String, IpAddr)>,
     login_user: Keyed<String>,
     sends: Keyed<DeviceId>,
+    turn: Keyed<UserId>,
     trusted: Mutex<HashMap<(String, IpAddr), Instant>>,
 }
 
@@ -113,6 +117,7 @@ impl RateLimits {
             login_pair: Keyed::new(quota(c.logins_per_minute_per_user_and_address, minute)),
             login_user: Keyed::new(quota(c.logins_per_hour_per_user, hour)),
             sends: Keyed::new(sends),
+            turn: Keyed::new(quota(c.turn_per_hour_per_user, hour)),
             trusted: Mutex::new(HashMap::new()),
         }
     }
@@ -176,6 +181,11 @@ impl RateLimits {
         Self::refused(Limited::Send, self.sends.check(&device))
     }
 
+    /// TURN credentials for `user`.
+    pub fn turn(&self, user: UserId) -> Result<(), Duration> {
+        Self::refused(Limited::Turn, self.turn.check(&user))
+    }
+
     /// Forgets keys whose buckets are full again, and expired known addresses.
     pub fn forget_idle(&self) {
         self.registrations.forget_idle();
@@ -183,6 +193,7 @@ impl RateLimits {
         self.login_pair.forget_idle();
         self.login_user.forget_idle();
         self.sends.forget_idle();
+        self.turn.forget_idle();
         if let Ok(mut t) = self.trusted.lock() {
             t.retain(|_, at| at.elapsed() < TRUSTED_FOR);
             t.shrink_to_fit();
@@ -196,6 +207,7 @@ pub fn counted(what: Limited) {
         Limited::Registration => "registration",
         Limited::Login => "login",
         Limited::Send => "send",
+        Limited::Turn => "turn",
     };
     metrics::counter!("tern_rate_limited_total", "what" => name).increment(1);
 }
@@ -223,6 +235,10 @@ impl RateLimiter for RateLimits {
         (n, None)
     }
 
+    async fn turn(&self, user: UserId) -> Result<(), Duration> {
+        RateLimits::turn(self, user)
+    }
+
     fn housekeeping(&self) {
         self.forget_idle();
     }
@@ -242,6 +258,7 @@ pub(crate) mod scenarios {
             logins_per_hour_per_user: 4,
             sends_per_second: 1,
             send_burst: 3,
+            turn_per_hour_per_user: 2,
         }
     }
 
@@ -305,6 +322,14 @@ pub(crate) mod scenarios {
         assert_eq!(ok, 6);
     }
 
+    pub async fn turn_credentials_per_user(l: &dyn RateLimiter) {
+        assert!(l.turn(5).await.is_ok());
+        assert!(l.turn(5).await.is_ok());
+        let wait = l.turn(5).await.expect_err("third in an hour");
+        assert!(wait > Duration::from_secs(60), "{wait:?}");
+        assert!(l.turn(6).await.is_ok(), "per user");
+    }
+
     pub async fn sends_have_a_burst_then_a_rate(l: &dyn RateLimiter) {
         assert_eq!(l.sends(7, 2).await, (2, None));
         let (allowed, wait) = l.sends(7, 5).await;
@@ -344,6 +369,11 @@ mod tests {
     #[tokio::test]
     async fn sends_have_a_burst_then_a_rate() {
         scenarios::sends_have_a_burst_then_a_rate(&RateLimits::new(&scenarios::config())).await;
+    }
+
+    #[tokio::test]
+    async fn turn_credentials_per_user() {
+        scenarios::turn_credentials_per_user(&RateLimits::new(&scenarios::config())).await;
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Script;
 use redis::aio::ConnectionManager;
-use tern_store::DeviceId;
+use tern_store::{DeviceId, UserId};
 
 use crate::config::RateLimits as Config;
 use crate::net::address_key;
@@ -91,6 +91,7 @@ pub struct RedisRateLimits {
     login_pair: Option<Bucket>,
     login_user: Option<Bucket>,
     sends: Option<Bucket>,
+    turn: Option<Bucket>,
     take: Script,
     login: Script,
     /// What holds while Redis does not answer.
@@ -121,6 +122,7 @@ impl RedisRateLimits {
             login_pair: Bucket::per(c.logins_per_minute_per_user_and_address, minute),
             login_user: Bucket::per(c.logins_per_hour_per_user, hour),
             sends,
+            turn: Bucket::per(c.turn_per_hour_per_user, hour),
             take: Script::new(&format!("{GCRA}{TAKE}")),
             login: Script::new(&format!("{GCRA}{LOGIN}")),
             fallback: RateLimits::new(c),
@@ -244,6 +246,24 @@ impl RateLimiter for RedisRateLimits {
         }
     }
 
+    async fn turn(&self, user: UserId) -> Result<(), Duration> {
+        let Some(bucket) = self.turn else {
+            return Ok(());
+        };
+        let key = format!("{}:{{u{user}}}:turn", self.prefix);
+        match self.take(key, bucket, 1).await {
+            Ok((1, _)) => Ok(()),
+            Ok((_, wait)) => {
+                counted(Limited::Turn);
+                Err(ms(wait))
+            }
+            Err(e) => {
+                Self::unavailable(&e);
+                self.fallback.turn(user)
+            }
+        }
+    }
+
     fn housekeeping(&self) {
         self.fallback.forget_idle();
     }
@@ -325,6 +345,15 @@ mod tests {
             return;
         };
         scenarios::sends_have_a_burst_then_a_rate(&l).await;
+        cleanup.run().await;
+    }
+
+    #[tokio::test]
+    async fn redis_turn_credentials_per_user() {
+        let Some((l, cleanup)) = limits().await else {
+            return;
+        };
+        scenarios::turn_credentials_per_user(&l).await;
         cleanup.run().await;
     }
 

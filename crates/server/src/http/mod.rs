@@ -2,6 +2,7 @@
 //! and return `Result<_, ApiError>`, so every failure has a typed code and status.
 
 mod accounts;
+mod calls;
 pub mod extract;
 mod groups;
 mod keys;
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(push::unregister),
         )
         .route("/v1/push/vapid", get(push::vapid))
+        .route("/v1/calls/turn", get(calls::turn))
         .route("/v1/users/{username}/devices", get(users::user_devices))
         .route("/v1/users/{username}/last-seen", get(users::last_seen))
         .route(

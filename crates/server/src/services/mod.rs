@@ -2,6 +2,7 @@
 //! They take time from a [`Clock`] so that tests and the decision logic need no OS clock.
 
 pub mod accounts;
+pub mod calls;
 pub mod groups;
 pub mod keys;
 pub mod messaging;

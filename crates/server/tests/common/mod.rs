@@ -10,6 +10,7 @@
 pub mod media;
 pub mod push;
 pub mod sdk;
+pub mod turn;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -248,6 +249,7 @@ impl TestServer {
             logins_per_hour_per_user: 0,
             sends_per_second: 0,
             send_burst: 0,
+            turn_per_hour_per_user: 0,
         };
         config.connections.max_per_address = 0;
         tweak(&mut config);
