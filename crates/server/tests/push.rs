@@ -556,8 +556,22 @@ async fn a_push_still_owed_at_a_restart_is_sent_after_it() {
     );
     service.take();
     drop(a);
-    // Let the failure be settled before the stop.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The failure is settled (the claim released: bob is owed a push again) before the stop.
+    let rules = tern_server::services::pusher::rules(&srv.state.config.push);
+    let mut owed = Vec::new();
+    for _ in 0..500 {
+        owed = srv
+            .state
+            .store
+            .push_candidates(srv.state.clock.now_ms(), rules, 0, 10)
+            .await
+            .expect("candidates");
+        if !owed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(owed, [(bob, bob_device)]);
     let dir = srv.stop().await;
 
     // The next run finds bob still owed a push, one window after it starts.
