@@ -147,6 +147,31 @@ impl RedisRateLimits {
         Ok((allowed.max(0) as usize, wait))
     }
 
+    /// One token of `bucket` at `key` (no bucket: no limit); `fallback` when Redis does not
+    /// answer.
+    async fn one(
+        &self,
+        key: String,
+        bucket: Option<Bucket>,
+        what: Limited,
+        fallback: impl FnOnce() -> Result<(), Duration>,
+    ) -> Result<(), Duration> {
+        let Some(bucket) = bucket else {
+            return Ok(());
+        };
+        match self.take(key, bucket, 1).await {
+            Ok((1, _)) => Ok(()),
+            Ok((_, wait)) => {
+                counted(what);
+                Err(ms(wait))
+            }
+            Err(e) => {
+                Self::unavailable(&e);
+                fallback()
+            }
+        }
+    }
+
     fn unavailable(e: &redis::RedisError) {
         metrics::counter!("tern_directory_errors_total", "op" => "rate_limit").increment(1);
         tracing::warn!(error = %e, "shared rate limits unavailable; limiting on this node alone");
@@ -156,21 +181,11 @@ impl RedisRateLimits {
 #[async_trait]
 impl RateLimiter for RedisRateLimits {
     async fn registration(&self, ip: IpAddr) -> Result<(), Duration> {
-        let Some(bucket) = self.registrations else {
-            return Ok(());
-        };
         let key = format!("{}:{{a{}}}:reg", self.prefix, address_key(ip));
-        match self.take(key, bucket, 1).await {
-            Ok((1, _)) => Ok(()),
-            Ok((_, wait)) => {
-                counted(Limited::Registration);
-                Err(ms(wait))
-            }
-            Err(e) => {
-                Self::unavailable(&e);
-                self.fallback.registration(ip)
-            }
-        }
+        self.one(key, self.registrations, Limited::Registration, || {
+            self.fallback.registration(ip)
+        })
+        .await
     }
 
     async fn login(&self, username: &str, ip: IpAddr) -> Result<(), Duration> {
@@ -247,21 +262,9 @@ impl RateLimiter for RedisRateLimits {
     }
 
     async fn turn(&self, user: UserId) -> Result<(), Duration> {
-        let Some(bucket) = self.turn else {
-            return Ok(());
-        };
         let key = format!("{}:{{u{user}}}:turn", self.prefix);
-        match self.take(key, bucket, 1).await {
-            Ok((1, _)) => Ok(()),
-            Ok((_, wait)) => {
-                counted(Limited::Turn);
-                Err(ms(wait))
-            }
-            Err(e) => {
-                Self::unavailable(&e);
-                self.fallback.turn(user)
-            }
-        }
+        self.one(key, self.turn, Limited::Turn, || self.fallback.turn(user))
+            .await
     }
 
     fn housekeeping(&self) {
