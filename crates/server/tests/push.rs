@@ -219,6 +219,7 @@ async fn pushes_are_signed_encrypted_and_retried_as_the_policy_says() {
         p256dh,
         auth,
         updated_ms: 0,
+        expires_ms: None,
     };
     let wake = Wake {
         payload: br#"{"n":3}"#.to_vec(),
@@ -314,6 +315,7 @@ async fn pushes_never_reach_this_machine_or_a_private_network_unless_allowed() {
             p256dh: p256dh.clone(),
             auth: auth.clone(),
             updated_ms: 0,
+            expires_ms: None,
         };
         let wake = Wake {
             payload: b"{}".to_vec(),

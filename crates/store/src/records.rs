@@ -389,6 +389,8 @@ pub struct PushSubscription {
     /// The authentication secret (16 bytes).
     pub auth: Vec<u8>,
     pub updated_ms: i64,
+    /// When the subscription lapses (a browser's `expirationTime`): no push after it.
+    pub expires_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for PushSubscription {

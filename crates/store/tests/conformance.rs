@@ -1409,6 +1409,7 @@ async fn push_subscriptions_and_server_secrets(f: Fixture) {
         p256dh: vec![4; 65],
         auth: vec![7; 16],
         updated_ms: at,
+        expires_ms: None,
     };
     assert_eq!(s.push_subscription(d0).await.expect("read"), None);
     s.set_push_subscription(d0, sub("https://push.example/a", 1))
@@ -1493,6 +1494,7 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
         p256dh: vec![4; 65],
         auth: vec![7; 16],
         updated_ms: 1,
+        expires_ms: None,
     };
     let post = |id: &'static str| s.post_message(to(&alice[0], bu, id, &[b]));
     let claim = |now: i64| async move {
@@ -1630,6 +1632,24 @@ async fn push_claims_announce_each_burst_once(f: Fixture) {
             .expect("scan")
             .is_empty()
     );
+    // A subscription past its expirationTime is pushed no more.
+    let mut lapsing = sub("https://push.example/lapsing");
+    lapsing.expires_ms = Some(700_000);
+    s.set_push_subscription(b, lapsing.clone())
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        s.push_subscription(b).await.expect("read"),
+        Some(lapsing),
+        "kept with its expiry"
+    );
+    assert!(candidates(700_000).await.expect("scan").is_empty());
+    assert_eq!(claim(700_000).await.expect("claim"), PushClaim::Nothing);
+    assert_eq!(candidates(699_999).await.expect("scan"), vec![(bu, b)]);
+    assert!(matches!(
+        claim(699_999).await.expect("claim"),
+        PushClaim::Send { mseq: 5, .. }
+    ));
 }
 
 async fn media_garbage_is_expired_uploads_and_unreferenced_objects(f: Fixture) {

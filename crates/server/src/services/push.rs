@@ -110,6 +110,9 @@ impl Push {
                     p256dh,
                     auth,
                     updated_ms: now,
+                    expires_ms: req
+                        .expiration_time
+                        .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
                 },
             )
             .await?;

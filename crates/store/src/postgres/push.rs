@@ -24,13 +24,21 @@ pub async fn set_push_subscription<C: GenericClient>(
     }
     execute(
         c,
-        "INSERT INTO push_subscriptions (device_id, endpoint, p256dh, auth, updated_ms)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO push_subscriptions (device_id, endpoint, p256dh, auth, updated_ms, expires_ms)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (device_id) DO UPDATE SET endpoint = EXCLUDED.endpoint,
              p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, updated_ms = EXCLUDED.updated_ms,
+             expires_ms = EXCLUDED.expires_ms,
              pushed_mseq = CASE WHEN push_subscriptions.endpoint = EXCLUDED.endpoint
                  THEN push_subscriptions.pushed_mseq END",
-        &[&id(device), &s.endpoint, &s.p256dh, &s.auth, &s.updated_ms],
+        &[
+            &id(device),
+            &s.endpoint,
+            &s.p256dh,
+            &s.auth,
+            &s.updated_ms,
+            &s.expires_ms,
+        ],
     )
     .await?;
     Ok(())
@@ -42,7 +50,8 @@ pub async fn push_subscription<C: GenericClient>(
 ) -> Result<Option<PushSubscription>, StoreError> {
     let Some(r) = query_opt(
         c,
-        "SELECT endpoint, p256dh, auth, updated_ms FROM push_subscriptions WHERE device_id = $1",
+        "SELECT endpoint, p256dh, auth, updated_ms, expires_ms FROM push_subscriptions
+         WHERE device_id = $1",
         &[&id(device)],
     )
     .await?
@@ -54,6 +63,7 @@ pub async fn push_subscription<C: GenericClient>(
         p256dh: r.col(1)?,
         auth: r.col(2)?,
         updated_ms: r.col(3)?,
+        expires_ms: r.col(4)?,
     }))
 }
 
@@ -117,7 +127,8 @@ async fn claim_push<C: GenericClient>(
 ) -> Result<PushClaim, StoreError> {
     let Some(r) = query_opt(
         c,
-        "SELECT endpoint, p256dh, auth, updated_ms, pushed_mseq, pushed_ms, push_confirmed
+        "SELECT endpoint, p256dh, auth, updated_ms, pushed_mseq, pushed_ms, push_confirmed,
+             expires_ms
          FROM push_subscriptions WHERE device_id = $1 FOR UPDATE",
         &[&id(device)],
     )
@@ -130,12 +141,16 @@ async fn claim_push<C: GenericClient>(
         p256dh: r.col(1)?,
         auth: r.col(2)?,
         updated_ms: r.col(3)?,
+        expires_ms: r.col(7)?,
     };
     let last = PushState {
         pushed_mseq: r.col::<Option<i64>>(4)?.map(|m| m as u64),
         pushed_ms: r.col(5)?,
         confirmed: r.col(6)?,
     };
+    if subscription.expires_ms.is_some_and(|t| t <= now_ms) {
+        return Ok(PushClaim::Nothing);
+    }
     let m = query_one(
         c,
         "SELECT count(*) FILTER (WHERE kind = 1), max(mseq) FILTER (WHERE kind = 1), min(mseq),
@@ -209,6 +224,7 @@ pub async fn push_candidates<C: GenericClient>(
         c,
         "SELECT d.user_id, s.device_id FROM push_subscriptions s JOIN devices d ON d.id = s.device_id
          WHERE s.device_id > $1
+           AND (s.expires_ms IS NULL OR s.expires_ms > $2)
            AND EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id AND m.kind = 1)
            AND (s.pushed_mseq IS NULL
                 OR NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id

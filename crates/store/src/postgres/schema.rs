@@ -176,6 +176,7 @@ const MIGRATIONS: &[&str] = &[
         p256dh      BYTEA NOT NULL,
         auth        BYTEA NOT NULL,
         updated_ms  BIGINT NOT NULL,
+        expires_ms  BIGINT,
         pushed_mseq BIGINT,
         pushed_ms   BIGINT,
         push_confirmed BOOLEAN NOT NULL DEFAULT FALSE

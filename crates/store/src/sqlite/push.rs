@@ -21,10 +21,11 @@ pub fn set_push_subscription(
         return Err(StoreError::NotFound("device"));
     }
     c.prepare_cached(
-        "INSERT INTO push_subscriptions (device_id, endpoint, p256dh, auth, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO push_subscriptions (device_id, endpoint, p256dh, auth, updated_ms, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (device_id) DO UPDATE SET endpoint = excluded.endpoint,
              p256dh = excluded.p256dh, auth = excluded.auth, updated_ms = excluded.updated_ms,
+             expires_ms = excluded.expires_ms,
              pushed_mseq = CASE WHEN push_subscriptions.endpoint = excluded.endpoint
                  THEN push_subscriptions.pushed_mseq END",
     )?
@@ -33,7 +34,8 @@ pub fn set_push_subscription(
         s.endpoint,
         s.p256dh,
         s.auth,
-        s.updated_ms
+        s.updated_ms,
+        s.expires_ms
     ])?;
     Ok(())
 }
@@ -43,7 +45,8 @@ pub fn push_subscription(
     device: DeviceId,
 ) -> Result<Option<PushSubscription>, StoreError> {
     Ok(c.prepare_cached(
-        "SELECT endpoint, p256dh, auth, updated_ms FROM push_subscriptions WHERE device_id = ?1",
+        "SELECT endpoint, p256dh, auth, updated_ms, expires_ms FROM push_subscriptions
+         WHERE device_id = ?1",
     )?
     .query_row([device as i64], |r| {
         Ok(PushSubscription {
@@ -51,6 +54,7 @@ pub fn push_subscription(
             p256dh: r.get(1)?,
             auth: r.get(2)?,
             updated_ms: r.get(3)?,
+            expires_ms: r.get(4)?,
         })
     })
     .optional()?)
@@ -87,7 +91,8 @@ pub fn claim_push(
 ) -> Result<PushClaim, StoreError> {
     let row = c
         .prepare_cached(
-            "SELECT endpoint, p256dh, auth, updated_ms, pushed_mseq, pushed_ms, push_confirmed
+            "SELECT endpoint, p256dh, auth, updated_ms, pushed_mseq, pushed_ms, push_confirmed,
+                 expires_ms
              FROM push_subscriptions WHERE device_id = ?1",
         )?
         .query_row([device as i64], |r| {
@@ -97,6 +102,7 @@ pub fn claim_push(
                     p256dh: r.get(1)?,
                     auth: r.get(2)?,
                     updated_ms: r.get(3)?,
+                    expires_ms: r.get(7)?,
                 },
                 PushState {
                     pushed_mseq: r.get::<_, Option<i64>>(4)?.map(|m| m as u64),
@@ -109,6 +115,9 @@ pub fn claim_push(
     let Some((subscription, last)) = row else {
         return Ok(PushClaim::Nothing);
     };
+    if subscription.expires_ms.is_some_and(|t| t <= now_ms) {
+        return Ok(PushClaim::Nothing);
+    }
     let (waiting, newest): (i64, Option<i64>) = c
         .prepare_cached(
             "SELECT count(*), max(mseq) FROM mailbox WHERE device_id = ?1 AND kind = 1",
@@ -171,6 +180,7 @@ pub fn push_candidates(
     let mut st = c.prepare_cached(
         "SELECT d.user_id, s.device_id FROM push_subscriptions s JOIN devices d ON d.id = s.device_id
          WHERE s.device_id > ?1
+           AND (s.expires_ms IS NULL OR s.expires_ms > ?2)
            AND EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id AND m.kind = 1)
            AND (s.pushed_mseq IS NULL
                 OR NOT EXISTS (SELECT 1 FROM mailbox m WHERE m.device_id = s.device_id

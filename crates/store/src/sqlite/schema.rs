@@ -202,6 +202,7 @@ const MIGRATIONS: &[&str] = &[
         p256dh      BLOB NOT NULL,
         auth        BLOB NOT NULL,
         updated_ms  INTEGER NOT NULL,
+        expires_ms  INTEGER,
         pushed_mseq INTEGER,
         pushed_ms   INTEGER,
         push_confirmed INTEGER NOT NULL DEFAULT 0
