@@ -131,7 +131,7 @@ pub use error::Error;
 pub use events::{EVENT_CAPACITY, EventStream};
 pub use group_event::{GroupAction, GroupChange, GroupUser};
 pub use media::{DownloadedFile, MediaError, Phase, Progress, Recipient, THUMBNAIL_SIDE};
-pub use push::{PushRegistration, PushWake};
+pub use push::{MAX_PUSH_BODY, PushRegistration, PushWake};
 pub use tern_proto::ErrorCode;
 pub use tern_proto::content::MediaRef;
 pub use tern_proto::http::{

@@ -18,7 +18,7 @@ use crate::error::Error;
 
 /// The largest push body taken (a wake-up is about a hundred bytes; push services cap
 /// payloads at 4 KiB).
-const MAX_PUSH_BODY: usize = 4096;
+pub const MAX_PUSH_BODY: usize = 4096;
 
 /// What the server keeps of this device's push subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -149,14 +149,20 @@ pub async fn push(client: &Client, out: &Printer, action: PushAction) -> anyhow:
             out.push_registration(None);
         }
         PushAction::Decrypt { file } => {
+            // One byte past the largest push, so that a longer input gets the SDK's error
+            // without being read whole.
+            let limit = tern_client::MAX_PUSH_BODY as u64 + 1;
             let mut body = Vec::new();
             match file {
                 Some(path) => {
-                    body = std::fs::read(&path)
+                    let f = std::fs::File::open(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), &mut body)
                         .with_context(|| format!("cannot read {}", path.display()))?;
                 }
                 None => {
-                    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut body)
+                    let stdin = std::io::stdin().lock();
+                    std::io::Read::read_to_end(&mut std::io::Read::take(stdin, limit), &mut body)
                         .context("cannot read standard input")?;
                 }
             }
