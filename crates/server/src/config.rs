@@ -636,6 +636,16 @@ impl Config {
         if p.scan_secs == 0 || p.concurrency == 0 || p.concurrency > 4096 {
             return bad("push.scan_secs must be positive, push.concurrency between 1 and 4096");
         }
+        if p.coalesce_ms > 3_600_000
+            || p.max_attempts > 20
+            || p.request_timeout_secs > 300
+            || p.retry_max_secs > 3600
+            || p.retry_base_ms > 60_000
+        {
+            return bad(
+                "push: coalesce_ms at most an hour, max_attempts at most 20, request_timeout_secs at most 300, retry_max_secs at most 3600, retry_base_ms at most 60000",
+            );
+        }
         if !(p.subject.is_empty()
             || p.subject.starts_with("mailto:")
             || p.subject.starts_with("https://"))
@@ -885,6 +895,52 @@ mod tests {
             "postgres://root@127.0.0.1:5432/test"
         );
         c.validate().expect("valid");
+    }
+
+    #[test]
+    fn push_and_calls_settings_out_of_range_are_refused() {
+        for (key, value) in [
+            ("push.max_attempts", "0"),
+            ("push.max_attempts", "21"),
+            ("push.request_timeout_secs", "0"),
+            ("push.request_timeout_secs", "301"),
+            ("push.retry_max_secs", "3601"),
+            ("push.retry_base_ms", "60001"),
+            ("push.coalesce_ms", "3600001"),
+            ("push.ttl_secs", "2419201"),
+            ("push.scan_secs", "0"),
+            ("push.concurrency", "0"),
+            ("push.concurrency", "4097"),
+            ("push.subject", "\"ops@example.org\""),
+            ("push.allowed_origins", "[\"https://push.example/path\"]"),
+            ("calls.turn_ttl_secs", "59"),
+            ("calls.turn_ttl_secs", "86401"),
+        ] {
+            let c = Config::default()
+                .with_overrides([(key.to_owned(), value)])
+                .expect("applies");
+            assert!(c.validate().is_err(), "{key}={value}");
+        }
+        let turn = |uris: &str| {
+            Config::default()
+                .with_overrides([
+                    ("calls.turn_secret".to_owned(), "\"s\""),
+                    ("calls.turn_uris".to_owned(), uris),
+                ])
+                .expect("applies")
+                .validate()
+        };
+        assert!(turn("[]").is_err(), "a secret needs URIs");
+        assert!(turn("[\"http://turn.example\"]").is_err());
+        assert!(turn("[\"turn:turn.example:3478\", \"stun:turn.example\"]").is_ok());
+        let secret = Config {
+            calls: CallsConfig {
+                turn_secret: "hunter2".into(),
+                ..CallsConfig::default()
+            },
+            ..Config::default()
+        };
+        assert!(!format!("{secret:?}").contains("hunter2"), "redacted");
     }
 
     #[test]
